@@ -1,0 +1,31 @@
+"""LLaMA-Adapter V2: a parameter-efficient visual instruction model.
+
+>>> import llama_adapter
+>>> pipe = llama_adapter.load()                       # the shipped demo model, offline
+>>> pipe.generate("What shape is this?", image="assets/examples/circle.png")
+"""
+
+from .config import AdapterConfig, LlamaConfig
+from .errors import CheckpointError, InputError, LlamaAdapterError
+from .generate import Sampling
+from .model import LlamaAdapter, count_parameters, parameter_groups, set_trainable, trainable_parameters
+from .pipeline import ChatSession, Pipeline, load
+from .prompts import format_alpaca
+
+__all__ = [
+    "AdapterConfig",
+    "ChatSession",
+    "CheckpointError",
+    "InputError",
+    "LlamaAdapter",
+    "LlamaAdapterError",
+    "LlamaConfig",
+    "Pipeline",
+    "Sampling",
+    "count_parameters",
+    "format_alpaca",
+    "load",
+    "parameter_groups",
+    "set_trainable",
+    "trainable_parameters",
+]

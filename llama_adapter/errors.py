@@ -1,0 +1,13 @@
+"""Errors a user can act on. Each message says what is wrong and what to do."""
+
+
+class LlamaAdapterError(Exception):
+    """Base class of this library's errors."""
+
+
+class InputError(LlamaAdapterError, ValueError):
+    """A bad image, prompt or sampling parameter."""
+
+
+class CheckpointError(LlamaAdapterError):
+    """Weights that are missing, unreadable, of an unknown format, or that do not fit the model."""

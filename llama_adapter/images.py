@@ -1,0 +1,107 @@
+"""Image input: open and validate user images, and turn them into encoder tensors."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import IMAGE_ENCODERS
+from .errors import InputError
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Images larger than this are refused before decoding (a 20000×20000 upload, a decompression bomb)."""
+
+
+def open_image(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open a path, raw bytes or PIL image as an upright RGB image, or raise :class:`InputError`.
+
+    Handles EXIF rotation, palette, alpha (composited on white), 16-bit, CMYK and animated
+    images (first frame). The pixel limit is checked from the header, before decoding.
+    """
+    if isinstance(image, Image.Image):
+        img = image
+        _check_pixels(img.size, max_pixels)
+    else:
+        data = _read_bytes(image)
+        if not data:
+            raise InputError("The image file is empty (0 bytes).")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+                _check_pixels(img.size, max_pixels)
+                img.load()
+        except InputError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise InputError(f"The image is too large to decode safely ({e}).") from e
+        except UnidentifiedImageError as e:
+            raise InputError("The file is not an image Pillow can read (PNG, JPEG, GIF, WebP, BMP, TIFF …).") from e
+        except (OSError, SyntaxError, ValueError) as e:
+            raise InputError(f"The image is corrupt or truncated: {e}") from e
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    return _to_rgb(img)
+
+
+def _read_bytes(image: str | os.PathLike | bytes) -> bytes:
+    if isinstance(image, bytes):
+        return image
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(f"Image file not found: {path}")
+    return path.read_bytes()
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise InputError(f"The image has no pixels ({w}×{h}).")
+    if w * h > max_pixels:
+        raise InputError(
+            f"The image is {w}×{h} = {w * h:,} pixels; the limit is {max_pixels:,}. Resize it and try again."
+        )
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max() or 1.0
+        img = Image.fromarray((arr / top * 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def image_to_tensor(img: Image.Image, encoder: str, channel_order: str = "RGB") -> torch.Tensor:
+    """Resize (shorter side, bicubic), centre-crop and normalise for ``encoder``: a [3, S, S] tensor.
+
+    ``channel_order="BGR"`` swaps red and blue before normalising, as the official checkpoints
+    saw their training images (read with OpenCV).
+    """
+    spec = IMAGE_ENCODERS[encoder]
+    size = spec.image_size
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    if channel_order == "BGR":
+        x = x.flip(0)
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,511 @@
+"""LLaMA with LLaMA-Adapter V2: bias/scale tuning, gated adapter prompts and a visual branch.
+
+One model serves both wirings of :class:`~llama_adapter.config.AdapterConfig`: ``official``
+(loads the released BIAS-7B / LORA-BIAS-7B checkpoints exactly) and ``paper`` (early fusion).
+Weights use Meta's layout: q/k rows interleave the two halves of each RoPE pair, so the
+rotation below acts on adjacent pairs. Loaders convert other layouts to this one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AdapterConfig, LlamaConfig
+
+Phase = Literal["pretrain", "finetune", "joint"]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight.to(x.dtype)
+
+
+class AdapterLinear(nn.Module):
+    """A frozen linear layer with Adapter V2's trainable extras: ``y = W(x ⊙ s) + b + B(A x)``.
+
+    The scale ``s`` (init 1) acts on input channels and the bias ``b`` (init 0) on outputs, as in
+    the released bias-scale-norm code (this is what makes the paper's 14M count); LoRA's ``B``
+    starts at zero. With the defaults the layer equals the frozen ``base``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, scale: bool, lora_rank: int) -> None:
+        super().__init__()
+        self.base = nn.Linear(in_features, out_features, bias=False)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.scale = nn.Parameter(torch.empty(in_features)) if scale else None
+        self.lora_a = nn.Linear(in_features, lora_rank, bias=False) if lora_rank else None
+        self.lora_b = nn.Linear(lora_rank, out_features, bias=False) if lora_rank else None
+        self.reset_adapter()
+
+    def reset_adapter(self) -> None:
+        """The identity adapter: bias 0, scale 1, LoRA's B = 0."""
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        if self.scale is not None:
+            nn.init.ones_(self.scale)
+        if self.lora_a is not None:
+            self.lora_a.reset_parameters()
+            nn.init.zeros_(self.lora_b.weight)
+
+    def forward(self, x: torch.Tensor, use_lora: bool = True) -> torch.Tensor:
+        h = x * self.scale.to(x.dtype) if self.scale is not None else x
+        y = self.base(h)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        if use_lora and self.lora_a is not None:
+            y = y + self.lora_b(self.lora_a(x.to(self.lora_a.weight.dtype))).to(y.dtype)
+        return y
+
+
+def rope_frequencies(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
+    """Complex rotations e^{i·pos·θ_k}, [max_len, head_dim // 2]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of ``x`` [B, S, H, D] by ``freqs`` [B, S, D/2] (Meta's layout)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs.unsqueeze(2)).flatten(3).type_as(x)
+
+
+@dataclass
+class AttentionMask:
+    """How tokens of one forward call may attend: a boolean mask, or plain causal, or everything."""
+
+    mask: torch.Tensor | None  # [B, 1, S, T], True = may attend
+    is_causal: bool
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for every layer; grows on demand.
+
+    ``key_valid`` marks real (not left-padding) positions; ``next_position`` is each row's next
+    RoPE position. ``prompt_kv`` holds the adapter prompts' keys/values, computed once.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, device, dtype) -> None:
+        self.shape = (batch, n_kv_heads, 0, head_dim)
+        self.device, self.dtype = device, dtype
+        self.keys = [torch.empty(self.shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.values = [torch.empty(self.shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.key_valid = torch.empty(batch, 0, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+        self.prompt_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+
+    @property
+    def capacity(self) -> int:
+        return self.key_valid.shape[1]
+
+    def reserve(self, new_tokens: int) -> None:
+        needed = self.length + new_tokens
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity, 64)
+        b, h, _, d = self.shape
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                grown = torch.empty((b, h, capacity, d), device=self.device, dtype=self.dtype)
+                grown[:, :, : self.length] = old[:, :, : self.length]
+                store[i] = grown
+        valid = torch.zeros(b, capacity, dtype=torch.bool, device=self.device)
+        valid[:, : self.length] = self.key_valid[:, : self.length]
+        self.key_valid = valid
+
+    def append_valid(self, valid: torch.Tensor) -> torch.Tensor:
+        """Record the new tokens' validity [B, S]; returns validity of all keys [B, length + S]."""
+        s = valid.shape[1]
+        self.reserve(s)
+        self.key_valid[:, self.length : self.length + s] = valid
+        self.next_position += valid.sum(1)
+        return self.key_valid[:, : self.length + s]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first ``length`` tokens (to reuse a shared prefix)."""
+        if length > self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+        self.next_position = self.key_valid[:, :length].sum(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, acfg: AdapterConfig, gated: bool) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+
+        def linear(name: str, i: int, o: int) -> AdapterLinear:
+            return AdapterLinear(i, o, bias=name in acfg.bias_targets, scale=acfg.scale, lora_rank=acfg.lora_rank)
+
+        self.wq = linear("wq", cfg.dim, q_out)
+        self.wk = linear("wk", cfg.dim, kv_out)
+        self.wv = linear("wv", cfg.dim, kv_out)
+        self.wo = linear("wo", q_out, cfg.dim)
+        self.gate = nn.Parameter(torch.empty(1, cfg.n_heads, 1, 1)) if gated else None
+        self.new_gate = nn.Parameter(torch.empty(1, 1, 1, 1)) if gated and acfg.new_gate else None
+        self.reset_adapter()
+
+    def reset_adapter(self) -> None:
+        # Per-head gate, zero-init: through tanh, an untrained adapter contributes exactly nothing.
+        if self.gate is not None:
+            nn.init.zeros_(self.gate)
+        if self.new_gate is not None:
+            nn.init.ones_(self.new_gate)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        freqs: torch.Tensor,
+        mask: AttentionMask,
+        prompt: torch.Tensor | None,
+        cache: KVCache | None,
+        layer_id: int,
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), freqs).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), freqs).transpose(1, 2)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.write(layer_id, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        if prompt is not None and self.gate is not None:
+            out = out + self._prompt_attention(q, prompt, cache, layer_id)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+    def _prompt_attention(
+        self, q: torch.Tensor, prompt: torch.Tensor, cache: KVCache | None, layer_id: int
+    ) -> torch.Tensor:
+        """Attention over the adapter prompt, its own softmax, scaled per head by tanh(gate).
+
+        Prompt keys/values use the frozen wk/wv (with bias/scale, without LoRA) and no RoPE.
+        """
+        kv = cache.prompt_kv[layer_id] if cache is not None else None
+        if kv is None:
+            b, p, _ = prompt.shape
+            prompt = prompt.to(q.dtype)
+            pk = self.wk(prompt, use_lora=False).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            pv = self.wv(prompt, use_lora=False).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            repeat = self.n_heads // self.n_kv_heads
+            kv = (pk.repeat_interleave(repeat, 1), pv.repeat_interleave(repeat, 1))
+            if cache is not None:
+                cache.prompt_kv[layer_id] = kv
+        pk, pv = kv
+        scores = (q @ pk.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        gate = self.gate.tanh()
+        if self.new_gate is not None:
+            gate = gate * self.new_gate
+        weights = scores.float().softmax(-1).type_as(q) * gate.to(q.dtype)
+        return weights @ pv
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig, acfg: AdapterConfig) -> None:
+        super().__init__()
+
+        def linear(name: str, i: int, o: int) -> AdapterLinear:
+            return AdapterLinear(i, o, bias=name in acfg.bias_targets, scale=acfg.scale, lora_rank=acfg.lora_rank)
+
+        self.w1 = linear("w1", cfg.dim, cfg.hidden_dim)
+        self.w2 = linear("w2", cfg.hidden_dim, cfg.dim)
+        self.w3 = linear("w3", cfg.dim, cfg.hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, acfg: AdapterConfig, gated: bool) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, acfg, gated)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg, acfg)
+
+    def forward(self, x, freqs, mask, prompt, cache, layer_id) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs, mask, prompt, cache, layer_id)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class VisualBlock(nn.Module):
+    """A pre-norm ViT block (timm ``Block`` layout and names, as the official checkpoints use)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(dim, 3 * dim)
+        self.attn.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.attn.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        x = x + self.attn.proj(attended.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class LlamaAdapter(nn.Module):
+    """LLaMA + Adapter V2. ``forward(input_ids)`` returns logits [B, S, vocab].
+
+    The frozen image encoder is optional: pass ``image_encoder`` to accept images, or give
+    encoder features / a ready visual prompt directly.
+    """
+
+    def __init__(self, cfg: LlamaConfig, acfg: AdapterConfig, image_encoder: nn.Module | None = None) -> None:
+        super().__init__()
+        acfg.check(cfg)
+        self.config, self.adapter_config = cfg, acfg
+        n = cfg.n_layers
+        self.prompt_layers = list(acfg.prompt_layer_ids(n))
+        self.visual_layers = list(acfg.visual_layer_ids(n))
+        gated = set(acfg.gated_layer_ids(n))
+
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, acfg, i in gated) for i in range(n))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.register_buffer("rope", rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
+
+        self.adapter_query = nn.Embedding(len(self.prompt_layers) * acfg.prompt_len, cfg.dim)
+        if acfg.image_encoder is not None:
+            vd = acfg.visual_dim
+            self.clip_proj = nn.Linear(acfg.encoder_dim, vd)
+            self.clip_proj_norm = nn.LayerNorm(vd)
+            self.visual_query = nn.Embedding(acfg.prompt_len, vd)
+            self.visual_blocks = nn.ModuleList(
+                VisualBlock(vd, acfg.visual_heads, acfg.visual_mlp_ratio) for _ in range(acfg.visual_depth)
+            )
+            self.visual_proj = nn.Linear(vd, cfg.dim)
+            self.visual_proj_norm = nn.LayerNorm(cfg.dim)
+        self.image_encoder = image_encoder
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def reset_adapter(self) -> None:
+        """Initialise every adapter tensor as a fresh, untrained adapter (norms are left alone:
+        they start as the base model's)."""
+        for module in self.modules():
+            if isinstance(module, (AdapterLinear, Attention)):
+                module.reset_adapter()
+        self.adapter_query.reset_parameters()
+        for name in VISUAL_MODULES:
+            if hasattr(self, name):
+                for module in getattr(self, name).modules():
+                    if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)):
+                        module.reset_parameters()
+
+    def materialize(self, device: torch.device | str = "cpu") -> None:
+        """After reading a base checkpoint into a model built on the meta device (``assign=True``):
+        give the tensors still on meta real storage and initialise them as a fresh adapter."""
+        for module in self.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.is_meta:
+                    setattr(module, name, nn.Parameter(torch.empty_like(p, device=device), p.requires_grad))
+        self.tie_weights()
+        cfg = self.config
+        self.rope = rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta).to(device)
+        self.reset_adapter()
+
+    # -- visual branch -------------------------------------------------------------------------
+
+    def encode_image(self, images: torch.Tensor | None = None, *, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Images [B, 3, H, W] (or encoder features [B, N, C]) → visual prompt [B, prompt_len, dim]."""
+        if self.adapter_config.image_encoder is None:
+            raise ValueError("This model has no visual branch (adapter config image_encoder=None)")
+        if features is None:
+            if self.image_encoder is None:
+                raise ValueError("No image encoder is attached; pass features=... or build with an encoder")
+            with torch.no_grad():
+                features = self.image_encoder(images)
+        x = self.clip_proj_norm(self.clip_proj(features.float()))
+        queries = self.visual_query.weight.float().unsqueeze(0).expand(x.shape[0], -1, -1)
+        x = torch.cat([queries, x], dim=1)
+        for block in self.visual_blocks:
+            x = block(x)
+        x = x[:, : self.adapter_config.prompt_len]
+        return self.visual_proj_norm(self.visual_proj(x))
+
+    def layer_prompts(self, visual_prompt: torch.Tensor | None, batch: int) -> list[torch.Tensor | None]:
+        """The adapter prompt each layer attends to: its static prompt, plus the visual prompt
+        in fusion layers; ``None`` for layers without one."""
+        p = self.adapter_config.prompt_len
+        prompts: list[torch.Tensor | None] = [None] * self.config.n_layers
+        static = self.adapter_query.weight.view(len(self.prompt_layers), p, self.config.dim)
+        for j, layer in enumerate(self.prompt_layers):
+            prompts[layer] = static[j].unsqueeze(0).expand(batch, -1, -1)
+        if visual_prompt is not None:
+            for layer in self.visual_layers:
+                prompts[layer] = visual_prompt if prompts[layer] is None else prompts[layer] + visual_prompt
+        return prompts
+
+    # -- language model ------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None = None,
+        *,
+        visual_prompt: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, S, vocab] (or [B, 1, vocab] with ``last_only``).
+
+        ``attention_mask`` [B, S] marks real tokens (0 = left padding). With a ``cache`` the
+        tokens continue the cached sequence and their keys/values are appended to it.
+        """
+        b, s = input_ids.shape
+        if images is not None and visual_prompt is None:
+            visual_prompt = self.encode_image(images)
+        positions, mask = self._positions_and_mask(input_ids, attention_mask, cache)
+        if int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"Sequence longer than the model's context ({self.config.max_seq_len} tokens)")
+        freqs = self.rope[positions]
+        prompts = self.layer_prompts(visual_prompt, b)
+
+        h = self.tok_embeddings(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, freqs, mask, prompts[i], cache, i)
+        if cache is not None:
+            cache.advance(s)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h))
+
+    def _positions_and_mask(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None
+    ) -> tuple[torch.Tensor, AttentionMask]:
+        b, s = input_ids.shape
+        device = input_ids.device
+        valid = torch.ones(b, s, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        past = cache.length if cache is not None else 0
+        start = cache.next_position.unsqueeze(1) if cache is not None else 0
+        positions = start + (valid.long().cumsum(1) - 1).clamp(min=0)
+        key_valid = cache.append_valid(valid) if cache is not None else valid
+
+        if bool(key_valid.all()):
+            if past == 0:
+                return positions, AttentionMask(None, is_causal=s > 1)
+            if s == 1:
+                return positions, AttentionMask(None, is_causal=False)
+        q_pos = torch.arange(past, past + s, device=device).unsqueeze(1)
+        k_pos = torch.arange(past + s, device=device).unsqueeze(0)
+        allowed = (k_pos <= q_pos).unsqueeze(0) & key_valid.unsqueeze(1)
+        # A padding query attends to itself, so no row is fully masked (which would give NaN).
+        allowed |= (k_pos == q_pos).unsqueeze(0)
+        return positions, AttentionMask(allowed.unsqueeze(1), is_causal=False)
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        ref = self.tok_embeddings.weight
+        dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
+        return KVCache(self.config.n_layers, batch, self.config.n_kv_heads, self.config.head_dim, ref.device, dtype)
+
+
+# -- parameter groups ----------------------------------------------------------------------------
+
+VISUAL_MODULES = ("clip_proj", "clip_proj_norm", "visual_query", "visual_blocks", "visual_proj", "visual_proj_norm")
+
+
+def parameter_group(model: LlamaAdapter, name: str) -> str | None:
+    """``"pretrain"``, ``"finetune"``, or ``None`` (frozen) for a parameter name of ``model``.
+
+    ``paper`` wiring (the paper's joint training): image-text data trains the visual branch and
+    the gates of the visual (early) layers; instruction data trains the static prompts, the
+    other gates, bias, scale, norms and LoRA. ``official`` wiring reproduces the released code:
+    pretrain = visual branch + static prompts + every gate; finetune = bias + norms (+ scale, LoRA).
+    """
+    parts = name.split(".")
+    top = parts[0]
+    if top in ("tok_embeddings", "output", "image_encoder") or parts[-2:] == ["base", "weight"]:
+        return None
+    if top in VISUAL_MODULES:
+        return "pretrain"
+    if top == "adapter_query":
+        return "pretrain" if model.adapter_config.wiring == "official" else "finetune"
+    if parts[-1] in ("gate", "new_gate"):
+        if model.adapter_config.wiring == "official":
+            return "pretrain"
+        return "pretrain" if int(parts[1]) in model.visual_layers else "finetune"
+    if parts[-1] in ("bias", "scale") or "lora_a" in parts or "lora_b" in parts or name.endswith("norm.weight"):
+        return "finetune"
+    raise ValueError(f"Parameter {name!r} has no training group")
+
+
+def parameter_groups(model: LlamaAdapter) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The two disjoint groups of trainable parameters: ``{"pretrain": [...], "finetune": [...]}``."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"pretrain": [], "finetune": []}
+    for name, param in model.named_parameters(remove_duplicate=True):
+        group = parameter_group(model, name)
+        if group is not None:
+            groups[group].append((name, param))
+    return groups
+
+
+def trainable_parameters(model: LlamaAdapter, phase: Phase) -> list[tuple[str, nn.Parameter]]:
+    """Parameters a phase trains; ``joint`` is the union of the two disjoint groups."""
+    groups = parameter_groups(model)
+    if phase == "joint":
+        return groups["pretrain"] + groups["finetune"]
+    if phase not in groups:
+        raise ValueError(f"phase must be 'pretrain', 'finetune' or 'joint', got {phase!r}")
+    return groups[phase]
+
+
+def count_parameters(model: LlamaAdapter) -> dict[str, int]:
+    """Element counts of each group, of all adapter tensors, and of the frozen base."""
+    groups = parameter_groups(model)
+    counts = {g: sum(p.numel() for _, p in params) for g, params in groups.items()}
+    counts["adapter"] = counts["pretrain"] + counts["finetune"]
+    counts["base"] = sum(
+        p.numel() for n, p in model.named_parameters() if parameter_group(model, n) is None and "image_encoder" not in n
+    )
+    return counts
+
+
+def adapter_state_dict(model: LlamaAdapter) -> dict[str, torch.Tensor]:
+    """Every adapter tensor (both groups), i.e. what an adapter file stores."""
+    return {n: p.detach() for n, p in model.named_parameters() if parameter_group(model, n) is not None}
+
+
+def set_trainable(model: LlamaAdapter, phase: Phase) -> list[tuple[str, nn.Parameter]]:
+    """Freeze everything but ``phase``'s parameters; returns them."""
+    model.requires_grad_(False)
+    params = trainable_parameters(model, phase)
+    for _, p in params:
+        p.requires_grad_(True)
+    return params

@@ -1,0 +1,100 @@
+"""Prompt templates: the official Alpaca format and the base model's own chat template.
+
+Messages are ``{"role": "system"|"user"|"assistant", "content": str}`` dicts. A user message
+may carry ``"context"``: text from image experts (caption, OCR). It goes into the Alpaca
+``### Input:`` block, or into a marked block ahead of the question in a chat template.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from .errors import InputError
+from .tokenizer import Tokenizer
+
+Template = Literal["alpaca", "chat"]
+Message = dict
+Prompt = Union[str, list[Message]]
+
+ALPACA = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+CONTEXT_BLOCK = "[Image context]\n{context}\n[End of image context]\n\n{content}"
+ALPACA_STOP = ("### Instruction:", "\n### ")
+
+
+def format_alpaca(instruction: str, input: str | None = None) -> str:
+    """The official LLaMA-Adapter prompt (``input is None`` selects the short form, as upstream)."""
+    if input is None:
+        return ALPACA.format(instruction=instruction)
+    return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
+
+
+def as_messages(prompt: Prompt) -> list[Message]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return list(prompt)
+
+
+def validate_messages(messages: list[Message]) -> None:
+    if not messages:
+        raise InputError("The conversation is empty: write a message first.")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise InputError(f"Each message needs a role of system, user or assistant; got {m!r:.80}")
+        if not isinstance(m.get("content"), str):
+            raise InputError(f"Message content must be text; got {type(m.get('content')).__name__}")
+    if messages[-1]["role"] != "user":
+        raise InputError("The last message must be from the user.")
+    if not messages[-1]["content"].strip():
+        raise InputError("The message is empty: type a question or instruction.")
+
+
+def render(messages: list[Message], template: Template, tokenizer: Tokenizer | None = None) -> str:
+    """The exact text the model sees for a conversation, ending where the answer begins."""
+    validate_messages(messages)
+    if template == "alpaca":
+        return _render_alpaca(messages)
+    if template == "chat":
+        if tokenizer is None:
+            raise ValueError("the chat template needs the tokenizer")
+        plain = [
+            {"role": m["role"], "content": CONTEXT_BLOCK.format(context=m["context"], content=m["content"])}
+            if m.get("context")
+            else {"role": m["role"], "content": m["content"]}
+            for m in messages
+        ]
+        text = tokenizer.apply_chat_template(plain, add_generation_prompt=True)
+        if text is None:
+            raise ValueError("this tokenizer has no chat template; use template='alpaca'")
+        return text
+    raise ValueError(f"Unknown template {template!r}; use 'alpaca' or 'chat'")
+
+
+def _render_alpaca(messages: list[Message]) -> str:
+    """Alpaca turns; a system message, if any, replaces the first line of the first turn."""
+    system = next((m["content"] for m in messages if m["role"] == "system"), None)
+    parts: list[str] = []
+    for m in messages:
+        if m["role"] == "user":
+            turn = format_alpaca(m["content"], m.get("context"))
+            if parts:
+                turn = turn[turn.index("### Instruction:") :]
+            elif system:
+                turn = system.strip() + turn[turn.index("\n\n") :]
+            parts.append(turn)
+        elif m["role"] == "assistant" and parts:
+            parts[-1] += m["content"]
+    return "\n\n".join(parts)
+
+
+def stop_strings(template: Template) -> tuple[str, ...]:
+    """Text that ends an answer beyond the tokenizer's end tokens."""
+    return ALPACA_STOP if template == "alpaca" else ()

