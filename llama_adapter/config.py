@@ -126,9 +126,10 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
             tie_embeddings=True,
             max_seq_len=8192,
         ),
-        # Tiny random-init models for tests: GQA, and multi-head with tied embeddings.
-        LlamaConfig("tiny", 320, 64, 4, 4, 2, 160, rope_theta=10000.0, max_seq_len=256),
-        LlamaConfig("tiny-tied", 320, 48, 3, 4, 4, 96, tie_embeddings=True, max_seq_len=256),
+        # Tiny random-init models for tests: GQA, and multi-head with tied embeddings. FFN widths
+        # follow Meta's rule with multiple_of=32, so the same shapes can be written as params.json.
+        LlamaConfig("tiny", 320, 64, 4, 4, 2, 192, max_seq_len=256),
+        LlamaConfig("tiny-tied", 320, 48, 3, 4, 4, 128, tie_embeddings=True, max_seq_len=256),
     )
 }
 

@@ -28,9 +28,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight.to(x.dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Half precision: normalise in float32, scale in the input's precision (as transformers does).
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight.to(x.dtype)
 
 
 class AdapterLinear(nn.Module):
@@ -106,6 +107,7 @@ class KVCache:
         self.key_valid = torch.empty(batch, 0, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
+        self.padded = False  # whether any cached position is left padding
         self.prompt_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
 
     @property
@@ -127,13 +129,18 @@ class KVCache:
         valid[:, : self.length] = self.key_valid[:, : self.length]
         self.key_valid = valid
 
-    def append_valid(self, valid: torch.Tensor) -> torch.Tensor:
-        """Record the new tokens' validity [B, S]; returns validity of all keys [B, length + S]."""
-        s = valid.shape[1]
-        self.reserve(s)
-        self.key_valid[:, self.length : self.length + s] = valid
-        self.next_position += valid.sum(1)
-        return self.key_valid[:, : self.length + s]
+    def append_valid(self, n: int, valid: torch.Tensor | None) -> torch.Tensor:
+        """Record the validity [B, n] of ``n`` new tokens (``None``: all real); returns the
+        validity of all keys [B, length + n]."""
+        self.reserve(n)
+        if valid is None:
+            self.key_valid[:, self.length : self.length + n] = True
+            self.next_position += n
+        else:
+            self.key_valid[:, self.length : self.length + n] = valid
+            self.next_position += valid.sum(1)
+            self.padded = self.padded or not bool(valid.all())
+        return self.key_valid[:, : self.length + n]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
@@ -150,6 +157,7 @@ class KVCache:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
         self.length = length
         self.next_position = self.key_valid[:, :length].sum(1)
+        self.padded = not bool(self.key_valid[:, :length].all())
 
 
 class Attention(nn.Module):
@@ -390,11 +398,12 @@ class LlamaAdapter(nn.Module):
         tokens continue the cached sequence and their keys/values are appended to it.
         """
         b, s = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + s > self.config.max_seq_len:
+            raise ValueError(f"Sequence longer than the model's context ({self.config.max_seq_len} tokens)")
         if images is not None and visual_prompt is None:
             visual_prompt = self.encode_image(images)
         positions, mask = self._positions_and_mask(input_ids, attention_mask, cache)
-        if int(positions.max()) >= self.config.max_seq_len:
-            raise ValueError(f"Sequence longer than the model's context ({self.config.max_seq_len} tokens)")
         freqs = self.rope[positions]
         prompts = self.layer_prompts(visual_prompt, b)
 
@@ -410,19 +419,30 @@ class LlamaAdapter(nn.Module):
     def _positions_and_mask(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None
     ) -> tuple[torch.Tensor, AttentionMask]:
+        """RoPE positions [B, S] (left padding does not count) and the attention mask."""
         b, s = input_ids.shape
         device = input_ids.device
-        valid = torch.ones(b, s, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
         past = cache.length if cache is not None else 0
         start = cache.next_position.unsqueeze(1) if cache is not None else 0
-        positions = start + (valid.long().cumsum(1) - 1).clamp(min=0)
-        key_valid = cache.append_valid(valid) if cache is not None else valid
+        valid = attention_mask.bool() if attention_mask is not None else None
+        if valid is None:
+            positions = start + torch.arange(s, device=device).expand(b, s)
+        else:
+            positions = start + (valid.long().cumsum(1) - 1).clamp(min=0)
+        if cache is not None:
+            key_valid = cache.append_valid(s, valid)
+            padded = cache.padded
+        else:
+            key_valid = valid
+            padded = valid is not None and not bool(valid.all())
 
-        if bool(key_valid.all()):
+        if not padded:
             if past == 0:
                 return positions, AttentionMask(None, is_causal=s > 1)
             if s == 1:
                 return positions, AttentionMask(None, is_causal=False)
+        if key_valid is None:
+            key_valid = torch.ones(b, past + s, dtype=torch.bool, device=device)
         q_pos = torch.arange(past, past + s, device=device).unsqueeze(1)
         k_pos = torch.arange(past + s, device=device).unsqueeze(0)
         allowed = (k_pos <= q_pos).unsqueeze(0) & key_valid.unsqueeze(1)

@@ -9,7 +9,9 @@ Every read is safe: safetensors, or ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -471,12 +473,16 @@ def download(url: str, target: Path, *, sha256: str) -> Path:
                 while block := response.read(1 << 20):
                     f.write(block)
                     bar.update(len(block))
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
         raise CheckpointError(
             f"Download of {url} failed ({e}); run again to resume, or fetch it by hand into {target}."
         ) from e
     except OSError as e:
         raise CheckpointError(f"Could not write {part}: {e.strerror}. Free space or set LLAMA_ADAPTER_CACHE.") from e
+    if total and part.stat().st_size < total:
+        raise CheckpointError(
+            f"Download of {url} stopped at {part.stat().st_size:,} of {total:,} bytes; run again to resume."
+        )
     digest = sha256_file(part)
     if digest != sha256:
         part.unlink()
@@ -514,9 +520,29 @@ def read_official_adapter(path: Path, base: LlamaConfig, name: str) -> AdapterWe
     if "adapter_query.weight" not in sd:
         raise CheckpointError(f"{path} has no adapter_query.weight: not a LLaMA-Adapter V2 checkpoint")
     _check_base_shape(sd, base, name)
+    return AdapterWeights(
+        official_config(sd, base), sd, source=str(path), metadata={"name": name, "format": "official"}
+    )
+
+
+def official_config(sd: dict[str, torch.Tensor], base: LlamaConfig) -> AdapterConfig:
+    """The official wiring with the sizes this checkpoint holds (the release hard-codes them for
+    7B; reading them from the shapes also covers other sizes). The config dict inside official
+    files is not trusted: upstream ignores it too."""
     lora = sd.get("layers.0.attention.wq.lora_a.weight")
-    acfg = AdapterConfig.official(base, lora_rank=lora.shape[0] if lora is not None else 0)
-    return AdapterWeights(acfg, sd, source=str(path), metadata={"name": name, "format": "official"})
+    prompt_len = sd["visual_query.weight"].shape[0] if "visual_query.weight" in sd else 10
+    visual_dim = sd["clip_proj.weight"].shape[0] if "clip_proj.weight" in sd else 768
+    depth = len({k.split(".")[1] for k in sd if k.startswith("visual_blocks.")})
+    fc1 = sd.get("visual_blocks.0.mlp.fc1.weight")
+    return dataclasses.replace(
+        AdapterConfig.official(base, lora_rank=lora.shape[0] if lora is not None else 0),
+        prompt_len=prompt_len,
+        adapter_layers=sd["adapter_query.weight"].shape[0] // prompt_len,
+        visual_layers=sd["adapter_query.weight"].shape[0] // prompt_len,
+        visual_dim=visual_dim,
+        visual_depth=depth,
+        visual_mlp_ratio=fc1.shape[0] / visual_dim if fc1 is not None else 4.0,
+    )
 
 
 def _check_base_shape(sd: dict[str, torch.Tensor], base: LlamaConfig, name: str) -> None:

@@ -1,0 +1,107 @@
+"""Decode speed of our generation against transformers ``generate``, measured in one run.
+
+SmolLM2-135M-Instruct, batch 1, a fixed chat prompt, exactly 128 greedy new tokens (no early
+stop), best of ``--repeats`` runs, interleaved so both see the same machine load. Also the
+perplexity change of int8 weights on a fixed text.
+
+    python -m benchmarks.generate [--threads 2] [--repeats 3] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+import llama_adapter
+from llama_adapter.generate import Sampling, decode_tokens
+from llama_adapter.weights import smollm2_dir
+
+PROMPT = "Explain in a few sentences why leaves change colour in autumn."
+TEXT = (
+    "The Amazon rainforest covers much of the Amazon basin of South America. The basin encompasses seven "
+    "million square kilometres, of which five and a half million are covered by the rainforest. The region "
+    "includes territory belonging to nine nations and thousands of indigenous territories. The majority of "
+    "the forest is contained within Brazil, followed by Peru and Colombia. The rainforest likely formed during "
+    "the Eocene era, following the extinction event that wiped out the dinosaurs. Scientists estimate that "
+    "the forest holds about four hundred billion individual trees divided into sixteen thousand species."
+)
+
+
+def ours_tokens_per_second(pipe: llama_adapter.Pipeline, ids: list[int], new_tokens: int) -> float:
+    params = Sampling(max_new_tokens=new_tokens)
+    start = time.perf_counter()
+    n = sum(1 for _ in decode_tokens(pipe.model, [ids], params, stop_ids=set()))
+    assert n == new_tokens
+    return n / (time.perf_counter() - start)
+
+
+def hf_tokens_per_second(model, ids: list[int], new_tokens: int) -> float:
+    x = torch.tensor([ids])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+    n = out.shape[1] - x.shape[1]
+    assert n == new_tokens
+    return n / (time.perf_counter() - start)
+
+
+def perplexity(logits_fn, ids: torch.Tensor) -> float:
+    with torch.inference_mode():
+        logits = logits_fn(ids).float()
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    return math.exp(loss.item())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM
+
+    ours = {
+        "fp32": llama_adapter.load("smollm2-135m"),
+        "bf16": llama_adapter.load("smollm2-135m", dtype="bf16"),
+        "int8": llama_adapter.load("smollm2-135m", quantize="int8"),
+    }
+    hf = {
+        "fp32": AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), dtype=torch.float32).eval(),
+        "bf16": AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), dtype=torch.bfloat16).eval(),
+    }
+    ids = ours["fp32"].encode(ours["fp32"].render(PROMPT))
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name, pipe in ours.items():
+            best[f"ours {name}"] = max(best.get(f"ours {name}", 0), ours_tokens_per_second(pipe, ids, args.new_tokens))
+        for name, model in hf.items():
+            key = f"transformers {name}"
+            best[key] = max(best.get(key, 0), hf_tokens_per_second(model, ids, args.new_tokens))
+
+    text_ids = torch.tensor([ours["fp32"].tokenizer.encode(TEXT, bos=False)])
+    ppl = {name: perplexity(pipe.model, text_ids) for name, pipe in ours.items()}
+    ppl["transformers fp32"] = perplexity(lambda x: hf["fp32"](x).logits, text_ids)
+
+    ref = best["transformers fp32"]
+    print(
+        f"SmolLM2-135M, batch 1, {len(ids)}-token prompt, {args.new_tokens} greedy tokens, "
+        f"{args.threads} threads, best of {args.repeats}"
+    )
+    print(f"{'system':<20} {'tok/s':>7} {'vs HF same dtype':>17} {'vs HF fp32':>11}")
+    for key, value in best.items():
+        same = best.get(f"transformers {key.split()[-1]}")
+        vs_same = f"{value / same:.2f}x" if same else "-"
+        print(f"{key:<20} {value:7.1f} {vs_same:>17} {value / ref:10.2f}x")
+    print(f"perplexity on a fixed {text_ids.shape[1]}-token text: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
+    print(f"int8 perplexity change vs fp32: {100 * (ppl['int8'] / ppl['fp32'] - 1):+.2f}%")
+
+
+if __name__ == "__main__":
+    main()

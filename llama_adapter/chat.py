@@ -1,0 +1,115 @@
+"""Chat from the terminal, streaming: ``python -m llama_adapter.chat [--image I] [--prompt P]``.
+
+Without ``--prompt`` it is interactive: type a message; ``/image PATH`` switches image,
+``/undo`` drops the last turn, ``/reset`` starts over, ``/exit`` (or Ctrl-D) quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from .errors import LlamaAdapterError
+from .pipeline import ChatSession, Pipeline, load
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m llama_adapter.chat",
+        description="Talk to a LLaMA-Adapter V2 model, optionally about an image. With no --base and no "
+        "--adapter, the shipped demo model is used (offline).",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--base", help="base model: smollm2-135m, a folder (HF or Meta layout), a .gguf, or org/name")
+    model.add_argument("--adapter", help="adapter: BIAS-7B, LORA-BIAS-7B, LORA-BIAS-7B-v21, or a file path")
+    model.add_argument("--quantize", choices=["int8"], help="store base weights in 8 bits")
+    model.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default: cpu)")
+    model.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on GPU")
+    model.add_argument("--template", choices=["alpaca", "chat"], help="prompt format (default: per model)")
+    p.add_argument("--image", help="an image to talk about")
+    p.add_argument("--prompt", help="ask this once and exit (otherwise: interactive)")
+    p.add_argument("--system", help="system prompt")
+    gen = p.add_argument_group("sampling")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    p.add_argument("-v", "--verbose", action="store_true", help="log loading details")
+    return p
+
+
+def stream_answer(session: ChatSession, text: str, sampling: dict[str, Any]) -> None:
+    for piece in session.stream(text, **sampling):
+        print(piece, end="", flush=True)
+    print()
+
+
+def interactive(pipe: Pipeline, session: ChatSession, sampling: dict[str, Any]) -> None:
+    print(f"Loaded {pipe.info['base']} + {pipe.info['adapter'] or 'no adapter'}. /help for commands.")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        try:
+            if line == "/help":
+                print("/image PATH  talk about another image\n/undo  drop the last turn\n/reset  start over\n/exit")
+            elif line.startswith("/image"):
+                session.set_image(line.removeprefix("/image").strip() or None)
+                print("Image set.")
+            elif line == "/undo":
+                session.undo()
+                session.reset_cache()
+            elif line == "/reset":
+                session.messages = [m for m in session.messages if m["role"] == "system"]
+                session.reset_cache()
+            else:
+                stream_answer(session, line, sampling)
+        except LlamaAdapterError as e:
+            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\n(interrupted)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    sampling = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+    try:
+        pipe = load(
+            args.base,
+            args.adapter,
+            device=args.device,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            template=args.template,
+        )
+        session = pipe.chat(system=args.system, image=args.image)
+        if args.prompt is not None:
+            stream_answer(session, args.prompt, sampling)
+        else:
+            interactive(pipe, session, sampling)
+    except LlamaAdapterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

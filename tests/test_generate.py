@@ -1,0 +1,162 @@
+"""Generation on the real SmolLM2: streaming, batching, chat KV reuse, sampling, stops, int8."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import llama_adapter
+from llama_adapter.errors import InputError
+from llama_adapter.generate import Sampling, TextStream
+from llama_adapter.prompts import format_alpaca, render
+
+
+def test_stream_yields_pieces_that_join_to_the_answer(smol):
+    pieces = list(smol.stream("Name three colours.", max_new_tokens=24))
+    assert len(pieces) > 5
+    assert "".join(pieces) == smol.generate("Name three colours.", max_new_tokens=24)
+
+
+def test_sensible_answer(smol):
+    answer = smol.generate("Name three colours.", max_new_tokens=48).lower()
+    assert sum(c in answer for c in ("red", "blue", "green", "yellow", "orange", "purple", "black", "white")) >= 2
+
+
+def test_batch_of_four_equals_each_prompt_alone(smol):
+    prompts = ["Name three colours.", "What is 2 + 2?", "Write a haiku about the sea and the moon at night.", "Hi"]
+    batched = smol.generate_batch(prompts, max_new_tokens=20)
+    assert batched == [smol.generate(p, max_new_tokens=20) for p in prompts]
+
+
+def test_chat_turn_two_prefills_only_new_tokens(smol):
+    chat = smol.chat(system="You are terse.")
+    first = chat.ask("My name is Ada. Say hello to me.", max_new_tokens=16)
+    cached = list(chat.cached_ids)
+    second = chat.ask("What is my name?", max_new_tokens=16)
+    full = smol.encode(smol.render(chat.messages[:-1]))
+    common = next((i for i, (a, b) in enumerate(zip(cached, full)) if a != b), min(len(cached), len(full)))
+    new_turn = smol.encode("<|im_start|>user\nWhat is my name?<|im_end|>\n<|im_start|>assistant\n")
+    assert chat.last_prefill_tokens == len(full) - common
+    assert chat.last_prefill_tokens <= len(new_turn) + 3  # the new turn, plus the end of the last answer
+    # The cached turn gives the same answer as the whole conversation computed from scratch.
+    assert second == smol.generate(chat.messages[:-1], max_new_tokens=16)
+    assert first and second
+
+
+def test_chat_undo(smol):
+    chat = smol.chat()
+    chat.ask("Say A.", max_new_tokens=3)
+    chat.ask("Say B.", max_new_tokens=3)
+    chat.undo()
+    assert [m["content"] for m in chat.messages if m["role"] == "user"] == ["Say A."]
+    assert chat.messages[-1]["role"] == "assistant"
+
+
+def test_chat_longer_than_the_context_drops_the_oldest_turns(tiny_pipe):
+    chat = tiny_pipe.chat()
+    for i in range(6):
+        chat.ask(f"Turn {i}: " + "red green blue " * 12, max_new_tokens=8)
+    assert chat.dropped_turns >= 1
+    assert chat.messages[0]["content"].startswith(f"Turn {chat.dropped_turns}:")
+    assert chat.cache.length <= tiny_pipe.context_length
+
+
+def test_seeded_sampling_is_reproducible(smol):
+    kw = dict(max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=50)
+    a = smol.generate("Tell me a story.", seed=7, **kw)
+    assert a == smol.generate("Tell me a story.", seed=7, **kw)
+    assert len({smol.generate("Tell me a story.", seed=s, **kw) for s in range(4)}) > 1
+
+
+def test_stop_strings_cut_the_answer(smol):
+    full = smol.generate("Name three colours.", max_new_tokens=40)
+    assert "2." in full
+    cut = smol.generate("Name three colours.", max_new_tokens=40, stop=["2."])
+    assert "2." not in cut and full.startswith(cut) and len(cut) < len(full)
+
+
+def test_cancel_stops_streaming(smol):
+    cancel = threading.Event()
+    pieces = []
+    for piece in smol.stream("Write a long essay about rivers.", max_new_tokens=200, cancel=cancel):
+        pieces.append(piece)
+        cancel.set()
+    assert 1 <= len(pieces) <= 3
+
+
+def test_closing_the_stream_stops_generation(smol):
+    stream = smol.stream("Write a long essay about rivers.", max_new_tokens=200)
+    next(stream)
+    stream.close()  # the client went away: no error, nothing left running
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"seed": "x"}, "seed"),
+        ({"beams": 3}, "Unknown sampling option"),
+    ],
+)
+def test_invalid_sampling_is_a_clear_error(smol, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        smol.generate("hi", **kwargs)
+
+
+def test_empty_and_too_long_prompts_are_refused(smol):
+    for empty in ("", "   \n\t"):
+        with pytest.raises(InputError, match="empty"):
+            smol.generate(empty)
+    with pytest.raises(InputError, match="reads at most 8,192"):
+        smol.generate("lorem ipsum " * 20000)
+
+
+def test_text_only_model_refuses_an_image_clearly(smol):
+    from PIL import Image
+
+    with pytest.raises(InputError, match="no image encoder"):
+        smol.generate("What is this?", image=Image.new("RGB", (8, 8)))
+
+
+def test_text_stream_holds_back_partial_stop_strings(smol):
+    tok = smol.tokenizer
+    stream = TextStream(tok, ("###",))
+    out = "".join(stream.push(t) for t in tok.encode("Hello there ## and ### more", bos=False))
+    assert out == "Hello there ## and " and stream.stopped
+
+
+def test_alpaca_template_is_the_official_text():
+    assert format_alpaca("Describe.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nDescribe.\n\n### Response:"
+    )
+    with_context = render([{"role": "user", "content": "Read it.", "context": "OCR: STOP"}], "alpaca")
+    assert "paired with an input" in with_context and "### Input:\nOCR: STOP\n\n### Response:" in with_context
+
+
+def test_chat_template_marks_expert_context(smol):
+    text = smol.render([{"role": "user", "content": "What does the sign say?", "context": "OCR text: EXIT"}])
+    assert "[Image context]\nOCR text: EXIT\n[End of image context]\n\nWhat does the sign say?" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_int8_keeps_the_answer_and_the_adapter_precision():
+    pipe = llama_adapter.load("smollm2-135m", quantize="int8")
+    fp32 = llama_adapter.load("smollm2-135m")
+    ids = torch.tensor([fp32.encode(fp32.render("Explain why the sky is blue in two sentences."))])
+    with torch.no_grad():
+        a, b = pipe.model(ids)[0], fp32.model(ids)[0]
+    agreement = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    assert agreement >= 0.9
+    assert pipe.model.layers[0].attention.wq.base.weight_int8.dtype == torch.int8
+    assert pipe.model.norm.weight.dtype == torch.float32
+
+
+def test_sampling_from_kwargs_accepts_single_stop_string():
+    assert Sampling.from_kwargs(stop="###").stop == ("###",)

@@ -1,0 +1,196 @@
+"""The model against transformers' Llama, and the Adapter V2 mechanics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_hf_model, write_hf_dir, write_meta_dir
+
+import llama_adapter
+from llama_adapter.config import AdapterConfig, LlamaConfig
+from llama_adapter.model import LlamaAdapter, count_parameters, parameter_groups, set_trainable
+from llama_adapter.pipeline import build_model, plain_adapter_config
+from llama_adapter.weights import load_base
+
+
+def fresh_adapter(preset: str, **overrides) -> AdapterConfig:
+    return AdapterConfig.paper(
+        LlamaConfig.from_name(preset),
+        image_encoder="efficientnet-lite0",
+        visual_dim=32,
+        visual_depth=1,
+        visual_heads=4,
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-tied"])
+def test_fresh_adapter_equals_transformers(preset, tiny_spm, tmp_path):
+    """Gates 0, bias 0, scale 1: logits equal transformers' LlamaForCausalLM (GQA; tied)."""
+    hf = random_hf_model(preset)
+    base = load_base(write_hf_dir(hf, tmp_path / "hf", tiny_spm))
+    model = build_model(base, None, adapter_config=fresh_adapter(preset), pretrained_encoder=False).eval()
+    ids = torch.randint(0, 320, (2, 37), generator=torch.Generator().manual_seed(1))
+    image = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert torch.allclose(model(ids), expected, atol=1e-4, rtol=0)
+        # A fresh adapter ignores the image too: every gate is zero.
+        assert torch.allclose(model(ids, images=image), expected, atol=1e-4, rtol=0)
+
+
+def test_meta_and_hf_layouts_give_identical_logits(tiny_spm, tmp_path):
+    hf = random_hf_model("tiny", seed=3)
+    from_hf = build_model(load_base(write_hf_dir(hf, tmp_path / "hf", tiny_spm)), None)
+    from_meta = build_model(load_base(write_meta_dir(hf, tmp_path / "llama" / "tiny", tiny_spm, shards=2)), None)
+    ids = torch.randint(0, 320, (1, 23))
+    with torch.no_grad():
+        assert torch.equal(from_hf(ids), from_meta(ids))
+
+
+def test_official_layout_folder_is_found(tiny_spm, tmp_path):
+    """``base=llama_dir`` with llama_dir/7B/params.json and llama_dir/tokenizer.model, as upstream."""
+    hf = random_hf_model("tiny")
+    write_meta_dir(hf, tmp_path / "llama" / "7B", tiny_spm)
+    base = load_base(tmp_path / "llama")
+    assert base.config.dim == 64 and base.tokenizer.vocab_size == 320
+
+
+def test_real_smollm2_matches_transformers(smol):
+    from transformers import AutoModelForCausalLM
+
+    from llama_adapter.weights import smollm2_dir
+
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), dtype=torch.float32).eval()
+    ids = torch.tensor([smol.encode(smol.render("Name three colours."))])
+    with torch.no_grad():
+        assert torch.allclose(smol.model(ids), hf(ids).logits, atol=1e-4, rtol=0)
+        ours = smol.generate("Name three colours.", max_new_tokens=64)
+        theirs = hf.generate(ids, max_new_tokens=64, do_sample=False)[0, ids.shape[1] :]
+    assert ours == smol.tokenizer.decode(theirs.tolist())
+
+
+def test_nonzero_gate_changes_logits():
+    cfg = LlamaConfig.from_name("tiny")
+    torch.manual_seed(0)
+    model = LlamaAdapter(cfg, fresh_adapter("tiny")).eval()
+    ids = torch.randint(0, 320, (1, 9))
+    features = torch.randn(1, 49, 1280)
+    with torch.no_grad():
+        visual = model.encode_image(features=features)
+        before = model(ids, visual_prompt=visual)
+        model.layers[0].attention.gate.fill_(0.3)  # the visual (early) layer
+        after_visual = model(ids, visual_prompt=visual)
+        text_only = model(ids)
+        model.layers[-1].attention.gate.fill_(0.3)  # a static-prompt (late) layer
+        after_static = model(ids)
+    assert not torch.allclose(before, after_visual)
+    assert torch.allclose(before, text_only)  # no image: the early layer has no prompt
+    assert not torch.allclose(text_only, after_static)
+
+
+def test_nonzero_bias_and_scale_change_logits():
+    torch.manual_seed(0)
+    model = LlamaAdapter(LlamaConfig.from_name("tiny"), fresh_adapter("tiny")).eval()
+    ids = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        before = model(ids)
+        model.layers[1].feed_forward.w2.bias.fill_(0.1)
+        with_bias = model(ids)
+        model.layers[1].attention.wk.scale.fill_(1.5)
+        with_scale = model(ids)
+    assert not torch.allclose(before, with_bias) and not torch.allclose(with_bias, with_scale)
+
+
+@pytest.mark.parametrize("wiring", ["paper", "official"])
+def test_kv_cached_decoding_equals_full_recompute(wiring):
+    cfg = LlamaConfig.from_name("tiny")
+    acfg = fresh_adapter("tiny") if wiring == "paper" else AdapterConfig.official(cfg, lora_rank=4)
+    torch.manual_seed(0)
+    model = LlamaAdapter(cfg, acfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # a trained-looking adapter: every path active
+            if p.dim() <= 1 or p.shape[-1] == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+        encoder_dim = acfg.encoder_dim
+        visual = model.encode_image(features=torch.randn(1, 5, encoder_dim))
+        ids = torch.randint(0, 320, (1, 20))
+        full = model(ids, visual_prompt=visual)
+        cache = model.new_cache(1)
+        steps = [model(ids[:, :12], visual_prompt=visual, cache=cache)]
+        steps += [model(ids[:, i : i + 1], visual_prompt=visual, cache=cache) for i in range(12, 16)]
+        steps.append(model(ids[:, 16:], visual_prompt=visual, cache=cache))  # a multi-token continuation
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_left_padded_batch_equals_rows_alone():
+    torch.manual_seed(0)
+    model = LlamaAdapter(LlamaConfig.from_name("tiny"), fresh_adapter("tiny")).eval()
+    rows = [torch.randint(3, 320, (n,)) for n in (5, 11, 8, 2)]
+    width = 11
+    ids = torch.zeros(4, width, dtype=torch.long)
+    mask = torch.zeros(4, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask)
+        for i, r in enumerate(rows):
+            alone = model(r.unsqueeze(0))
+            assert torch.allclose(batched[i, width - len(r) :], alone[0], atol=1e-5)
+
+
+def test_official_7b_counts_match_the_released_code():
+    cfg = LlamaConfig.from_name("llama-7b")
+    with torch.device("meta"):
+        counts = count_parameters(LlamaAdapter(cfg, AdapterConfig.official(cfg)))
+        lora = count_parameters(LlamaAdapter(cfg, AdapterConfig.official(cfg, lora_rank=16)))
+    assert counts["pretrain"] == 61_731_584
+    assert counts["finetune"] == 1_363_968
+    assert counts["adapter"] == 63_095_552  # every tensor of a BIAS-7B file
+    assert lora["adapter"] == 103_072_544  # every tensor of a LORA-BIAS-7B file
+
+
+def test_paper_count_matches_the_papers_14m():
+    """The paper's 14M is LLaMA-65B bias + scale + norm tuning."""
+    cfg = LlamaConfig.from_name("llama-65b")
+    with torch.device("meta"):
+        model = LlamaAdapter(cfg, AdapterConfig.paper(cfg, adapter_layers=0, image_encoder=None))
+    assert count_parameters(model)["adapter"] == 13_811_712
+
+
+@pytest.mark.parametrize("wiring", ["paper", "official"])
+def test_groups_are_disjoint_and_cover_every_adapter_tensor(wiring):
+    cfg = LlamaConfig.from_name("tiny")
+    acfg = fresh_adapter("tiny", lora_rank=2) if wiring == "paper" else AdapterConfig.official(cfg, lora_rank=2)
+    model = LlamaAdapter(cfg, acfg)
+    groups = parameter_groups(model)
+    pre = {n for n, _ in groups["pretrain"]}
+    fine = {n for n, _ in groups["finetune"]}
+    assert pre and fine and not pre & fine
+    frozen = {n for n, _ in model.named_parameters()} - pre - fine
+    assert all(n.endswith("base.weight") or n.startswith(("tok_embeddings", "output")) for n in frozen)
+    trained = {n for n, p in set_trainable(model, "joint")}
+    assert trained == pre | fine == {n for n, p in model.named_parameters() if p.requires_grad}
+    if wiring == "paper":
+        assert "layers.0.attention.gate" in pre and f"layers.{cfg.n_layers - 1}.attention.gate" in fine
+        assert "adapter_query.weight" in fine
+    else:
+        assert "adapter_query.weight" in pre and "layers.0.attention.wq.bias" in fine
+
+
+def test_plain_config_is_the_base_model(tiny_spm, tmp_path):
+    hf = random_hf_model("tiny")
+    model = build_model(load_base(write_hf_dir(hf, tmp_path / "hf", tiny_spm)), None)
+    assert model.adapter_config == plain_adapter_config()
+    assert count_parameters(model)["pretrain"] == 0
+
+
+def test_forward_refuses_sequences_longer_than_the_context():
+    model = LlamaAdapter(LlamaConfig.from_name("tiny"), plain_adapter_config()).eval()
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, 257, dtype=torch.long))
+
+
+def test_public_api_exports():
+    assert callable(llama_adapter.load) and llama_adapter.Pipeline and llama_adapter.AdapterConfig
