@@ -1,0 +1,269 @@
+"""The demo data generator (train/recipes/demo_data.py) at a small scale: reproducible bytes, disjoint
+splits, readable images, and answers that agree with what the images show."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train.recipes import demo_data as dd
+
+SCALE = 0.03
+MODULE = Path(dd.__file__)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def load(root: Path, kind: str, split: str) -> list:
+    if kind == "captions":
+        lines = (root / f"captions_{split}.tsv").read_text(encoding="utf-8").splitlines()
+        assert lines[0] == "url\tcaption"
+        return [tuple(line.split("\t")) for line in lines[1:]]
+    return json.loads((root / f"{kind}_{split}.json").read_text(encoding="utf-8"))
+
+
+def images_of(root: Path, split: str) -> set[str]:
+    images = {url for url, _ in load(root, "captions", split)}
+    for kind in ("vqa", "ocr"):
+        images |= {item["image"] for item in load(root, kind, split)}
+    return images
+
+
+def pixel_counts(path: Path) -> collections.Counter:
+    return collections.Counter(map(tuple, np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).tolist()))
+
+
+def gpt_turns(item: dict) -> list[str]:
+    return [turn["value"] for turn in item["conversations"] if turn["from"] == "gpt"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo") / "out"
+    paths = dd.generate(root, seed=0, scale=SCALE)
+    assert set(paths) == {f"{k}_{s}" for k in ("captions", "vqa", "ocr", "instructions") for s in dd.SPLITS} | {
+        "examples",
+        "manifest",
+    }
+    return root
+
+
+def test_same_seed_same_bytes_in_a_fresh_process(data, tmp_path):
+    """A second run in another interpreter, with another hash seed (so set and dict orders that
+    depended on string hashes would change), writes identical files, images included."""
+    other = tmp_path / "again"
+    code = (
+        "import importlib.util, sys; from pathlib import Path; "
+        f"spec = importlib.util.spec_from_file_location('demo_data_copy', {str(MODULE)!r}); "
+        "m = importlib.util.module_from_spec(spec); sys.modules['demo_data_copy'] = m; spec.loader.exec_module(m); "
+        f"m.generate(Path({str(other)!r}), seed=0, scale={SCALE})"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "4321"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
+    assert tree(other) == tree(data)
+
+
+def test_other_seed_other_data(data, tmp_path):
+    other = tmp_path / "seed1"
+    dd.generate(other, seed=1, scale=SCALE)
+    for name in dd.DATA_FILES:
+        assert sha(other / name) != sha(data / name), name
+    assert json.loads((other / "manifest.json").read_text())["seed"] == 1
+
+
+def test_manifest_matches_files(data):
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["version"] == dd.VERSION and manifest["seed"] == 0 and manifest["scale"] == SCALE
+    assert set(manifest["sha256"]) == set(dd.DATA_FILES) | {"examples/examples.json"}
+    for name, digest in manifest["sha256"].items():
+        assert sha(data / name) == digest, name
+    for name in dd.DATA_FILES:
+        kind, split = name.split(".")[0].split("_")
+        assert manifest["counts"][name] == len(load(data, kind, split)), name
+    assert manifest["images"]["count"] == sum(1 for _ in data.rglob("*.png"))
+    for kind in ("ocr", "instructions"):
+        for split in dd.SPLITS:
+            assert manifest["counts"][f"{kind}_{split}.json"] == dd.scaled(dd.DEFAULT_COUNTS[f"{kind}_{split}"], SCALE)
+
+
+def test_splits_share_no_image(data):
+    train, heldout = images_of(data, "train"), images_of(data, "heldout")
+    assert train and heldout and not train & heldout
+    train_bytes = {sha(data / p) for p in train}
+    assert not train_bytes & {sha(data / p) for p in heldout}
+
+
+def test_every_image_exists_and_opens(data):
+    for split in dd.SPLITS:
+        for rel in images_of(data, split):
+            path = data / rel
+            assert path.is_file() and not Path(rel).is_absolute(), rel
+            with Image.open(path) as image:
+                image.load()
+                width, height = image.size
+            if rel.startswith("images/ocr/"):
+                assert 160 <= min(width, height) and max(width, height) <= 480, (rel, image.size)
+            elif rel.startswith("images/scenes/"):
+                assert 64 <= width == height <= 224, (rel, image.size)
+
+
+def test_answers_are_never_empty(data):
+    for split in dd.SPLITS:
+        assert all(caption.strip() for _, caption in load(data, "captions", split))
+        for kind in ("vqa", "ocr"):
+            for item in load(data, kind, split):
+                assert item["short_answer"].strip() and all(t.strip() for t in gpt_turns(item)), item
+        for item in load(data, "instructions", split):
+            answers = gpt_turns(item) if "conversations" in item else [item["output"]]
+            assert answers and all(a.strip() for a in answers), item
+
+
+def test_easy_vqa_answers(data):
+    import easy_vqa
+
+    vocabulary = set(easy_vqa.get_answers())
+    for split in dd.SPLITS:
+        items = load(data, "vqa", split)
+        assert {item["source"] for item in items} == {"easy-vqa"}
+        styles = collections.Counter()
+        for item in items:
+            assert item["short_answer"] in vocabulary
+            question, answer = item["conversations"][0]["value"], item["conversations"][1]["value"]
+            if question.endswith(dd.SHORT_SUFFIX):
+                styles["short"] += 1
+                assert answer == item["short_answer"]
+            else:
+                styles["sentence"] += 1
+                if item["short_answer"] in ("yes", "no"):
+                    assert answer.startswith(item["short_answer"].capitalize() + ",")
+                else:
+                    assert re.search(rf"\b{item['short_answer']}\b", answer), item
+        assert styles["short"] == styles["sentence"] == len(items) // 2
+
+
+NEGATED = ("does the image not contain", "is there not", "is no ")
+
+
+def test_captions_agree_with_easy_vqa_answers_and_pixels(data):
+    import easy_vqa
+
+    for split, questions in (("train", easy_vqa.get_train_questions()), ("heldout", easy_vqa.get_test_questions())):
+        by_image = collections.defaultdict(list)
+        for question, answer, image_id in zip(*questions):
+            by_image[image_id].append((question, answer))
+        rows = [(url, cap) for url, cap in load(data, "captions", split) if url.startswith("images/easyvqa/")]
+        assert rows
+        for url, caption in rows:
+            words = set(re.findall(r"[a-z]+", caption.lower()))
+            for question, answer in by_image[int(Path(url).stem)]:
+                if question.startswith("what"):
+                    assert answer in words, (url, caption, question, answer)
+                else:
+                    subject = next(w for w in re.findall(r"[a-z]+", question) if w in dd.COLORS or w in dd.SHAPES)
+                    present = (answer == "yes") != question.startswith(NEGATED)
+                    assert (subject in words) == present, (url, caption, question, answer)
+            # Independently of the answers: the shape's pixels have the caption's colour.
+            counts = pixel_counts(data / url)
+            del counts[tuple(Image.open(data / url).convert("RGB").getpixel((0, 0)))]  # the background
+            (color,) = [c for c in dd.COLORS if c in words]
+            assert counts.most_common(1)[0][0] == dd.COLORS[color], (url, caption)
+
+
+def test_scene_captions_name_colours_that_are_drawn(data):
+    for split in dd.SPLITS:
+        rows = [(url, cap) for url, cap in load(data, "captions", split) if url.startswith("images/scenes/")]
+        assert rows
+        for url, caption in rows:
+            words = re.findall(r"[a-z]+", caption.lower())
+            colors = {w for w in words if w in dd.COLORS}
+            assert colors and any(w.rstrip("s") in dd.SHAPES for w in words), caption
+            pixels = pixel_counts(data / url)
+            for color in colors:
+                assert pixels[dd.COLORS[color]] >= 20, (url, caption)
+
+
+def test_heldout_ocr_answers_are_unseen(data):
+    train = {item["short_answer"].casefold() for item in load(data, "ocr", "train")}
+    heldout = {item["short_answer"].casefold() for item in load(data, "ocr", "heldout")}
+    assert heldout and not train & heldout
+
+
+def test_ocr_answers_can_be_read_off_the_image_text(data):
+    sources = set()
+    for split in dd.SPLITS:
+        for item in load(data, "ocr", split):
+            sources.add(item["source"])
+            assert item["short_answer"] in item["text"].replace("\n", " "), item
+            question = item["conversations"][0]["value"]
+            if question.endswith(dd.SENTENCE_SUFFIX):
+                assert item["short_answer"] in item["conversations"][1]["value"]
+            else:
+                assert item["conversations"][1]["value"] == item["short_answer"]
+    assert {"ocr-sign", "ocr-receipt"} <= sources
+
+
+def test_receipt_totals_are_the_sums_of_their_items(data):
+    receipts = [item for s in dd.SPLITS for item in load(data, "ocr", s) if item["source"] == "ocr-receipt"]
+    assert receipts
+    for item in receipts:
+        store, *lines, total_line = item["text"].split("\n")
+        cents = [int(re.fullmatch(r"[A-Z ]+ \$(\d+)\.(\d\d)", line).expand(r"\1\2")) for line in lines]
+        total = re.fullmatch(r"TOTAL \$(\d+)\.(\d\d)", total_line)
+        assert 3 <= len(cents) <= 5 and int(total.expand(r"\1\2")) == sum(cents), item["text"]
+
+
+def test_instructions_are_correct_and_disjoint(data):
+    splits = {s: load(data, "instructions", s) for s in dd.SPLITS}
+    signatures = {s: [dd.signature(item) for item in items] for s, items in splits.items()}
+    for s in dd.SPLITS:
+        assert len(set(signatures[s])) == len(signatures[s]), s
+    assert not set(signatures["train"]) & set(signatures["heldout"])
+    for item in (i for items in splits.values() for i in items):
+        text = " ".join(gpt_turns(item)) if "conversations" in item else item["output"]
+        for a, op, b, result in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", text):
+            assert int(a) + (1 if op == "+" else -1) * int(b) == int(result), text
+        for a, b, result in re.findall(r"(\d+) times (\d+) is (\d+)", text):
+            assert int(a) * int(b) == int(result), text
+        for word, n in re.findall(r'"(\w+)" has (\d+) letters', text):
+            assert len(word) == int(n), text
+
+
+def test_examples(data):
+    examples = json.loads((data / "examples" / "examples.json").read_text())
+    assert 8 <= len(examples) <= 12
+    names = {e["image"] for e in examples}
+    assert {"circle.png", "exit_sign.png", "receipt.png", "label.png"} <= names
+    for example in examples:
+        assert example["question"].strip() and example["answer"].strip()
+        with Image.open(data / "examples" / example["image"]) as image:
+            image.load()
+    by_name = {e["image"]: e for e in examples}
+    assert by_name["exit_sign.png"]["answer"] == "EXIT" and by_name["receipt.png"]["answer"] == "$16.55"
+
+
+def test_refuses_to_write_over_a_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        dd.generate(tmp_path, scale=SCALE)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_unknown_easy_vqa_template_is_an_error():
+    with pytest.raises(ValueError):
+        dd.parse_question("how many shapes are there?", "one", 0)
