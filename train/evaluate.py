@@ -1,0 +1,316 @@
+"""Evaluation of a trained adapter.
+
+* ``python -m train.evaluate vqa --data questions.json --adapter A`` — VQA accuracy: normalised
+  exact match (VQAv2's min(#matching humans / 3, 1) when a question has several answers). Reads
+  easy-VQA's ``[question, answer, image_id]`` rows or ``{image, question, answer(s)}`` dicts.
+* ``python -m train.evaluate perplexity --data held_out.json --adapter A`` — perplexity over the
+  answer tokens of held-out instructions, through the training data pipeline (same prompts).
+* ``python -m train.evaluate mme --mme-dir MME_Benchmark_release_version --out results/`` — one
+  ``<subtask>.txt`` per MME subtask with ``image\\tquestion\\tground truth\\tanswer`` lines, as the
+  official ``util/evaluate_mme.py`` writes them for MME's ``eval_tool/calculation.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from llama_adapter.pipeline import Pipeline, build_model, load
+from llama_adapter.weights import read_adapter, read_adapter_metadata
+
+from .config import DataConfig, SourceConfig, TrainConfig
+from .data import IGNORE, Collate, ImageTransform, PromptEncoder, TrainingData, conversation_messages, load_source
+from .tiny import TINY_BASES, random_base
+
+log = logging.getLogger(__name__)
+
+# The official MME prompt: Alpaca with "using a single word or phrase"; as a system message it
+# replaces Alpaca's first line, and leads a chat template's conversation.
+MME_SYSTEM = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request using a single word or phrase."
+)
+MME_SUBTASKS = (
+    "artwork",
+    "celebrity",
+    "color",
+    "count",
+    "existence",
+    "OCR",
+    "position",
+    "posters",
+    "scene",
+    "code_reasoning",
+    "commonsense_reasoning",
+    "numerical_calculation",
+    "text_translation",
+    "landmark",
+)
+IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
+
+# -- answer normalisation (after the official VQA evaluation) ----------------------------------------
+
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_ARTICLES = {"a", "an", "the"}
+_CONTRACTIONS = {
+    "dont": "don't",
+    "doesnt": "doesn't",
+    "isnt": "isn't",
+    "arent": "aren't",
+    "cant": "can't",
+    "wont": "won't",
+    "im": "i'm",
+    "ive": "i've",
+    "youre": "you're",
+    "whats": "what's",
+    "thats": "that's",
+}
+_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case; drop punctuation, articles and a final period; number words → digits."""
+    text = text.strip().lower().replace("\n", " ").replace("\t", " ")
+    text = _PUNCT.sub(" ", text)
+    text = re.sub(r"(?<!\d)\.(?!\d)", " ", text)  # periods, but not decimal points
+    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
+
+
+def vqa_score(prediction: str, answers: list[str]) -> float:
+    pred = normalize_answer(prediction)
+    matches = sum(normalize_answer(a) == pred for a in answers)
+    if len(answers) >= 3:  # several human answers (VQAv2): 3 agreeing humans give full credit
+        return min(1.0, matches / 3)
+    return float(matches > 0)
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def load_pipeline(base: str | None, adapter: str | None, *, device: str = "cpu", dtype: str | None = None) -> Pipeline:
+    """A :class:`Pipeline` for an adapter; also for adapters trained on the random tiny bases."""
+    base = base or (read_adapter_metadata(Path(adapter)).get("base") if adapter else None)
+    if base not in TINY_BASES:
+        return load(base, adapter, device=device, dtype=dtype)
+    weights = read_adapter(Path(adapter)) if adapter else None
+    meta = weights.metadata if weights else {}
+    training = meta.get("training", {})
+    tiny = random_base(base, training.get("base_seed", 0))
+    with torch.random.fork_rng(devices=[]):
+        # The trainer builds under its seed: a random-init encoder comes out the same here.
+        torch.manual_seed(training.get("seed", 0))
+        model = build_model(tiny, weights, pretrained_encoder=training.get("pretrained_encoder", True))
+    return Pipeline(
+        model.to(device).eval(), tiny.tokenizer, template=meta.get("prompt_template", "alpaca"), info={"base": base}
+    )
+
+
+# -- VQA ----------------------------------------------------------------------------------------------
+
+
+def read_vqa(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """``{image, question, answers}`` rows of a VQA-style JSON file: easy-VQA's
+    ``[question, answer, image_id]``, ``{image, question, answer | answers}``, or a one-turn LLaVA
+    conversation ``{image, conversations, short_answer?}`` (the short answer is the reference)."""
+    path = Path(path)
+    rows = []
+    for row in json.loads(path.read_text()):
+        if isinstance(row, (list, tuple)):
+            question, answers, image = row[0], [row[1]], f"images/{row[2]}.png"
+        elif "conversations" in row:
+            turns = conversation_messages(row["conversations"])
+            question = next(t["content"] for t in turns if t["role"] == "user")
+            answers = [row.get("short_answer") or next(t["content"] for t in turns if t["role"] == "assistant")]
+            image = row["image"]
+        else:
+            question, image = row["question"], row["image"]
+            raw = row.get("answers") or [row["answer"]]
+            answers = [a["answer"] if isinstance(a, dict) else a for a in raw]
+        image = image if Path(image).is_absolute() else path.parent / image
+        rows.append({"image": str(image), "question": question, "answers": answers})
+        if limit and len(rows) >= limit:
+            break
+    return rows
+
+
+def evaluate_vqa(
+    pipe: Pipeline,
+    rows: list[dict[str, Any]],
+    *,
+    prompt: str = "{question}",
+    batch_size: int = 8,
+    max_new_tokens: int = 10,
+) -> dict[str, Any]:
+    """Greedy answers to every row; returns accuracy and the answers."""
+    predictions = []
+    for i in tqdm(range(0, len(rows), batch_size), desc="vqa", unit="batch"):
+        chunk = rows[i : i + batch_size]
+        answers = pipe.generate_batch(
+            [prompt.format(question=r["question"]) for r in chunk],
+            [r["image"] for r in chunk],
+            max_new_tokens=max_new_tokens,
+        )
+        for row, answer in zip(chunk, answers):
+            predictions.append({**row, "prediction": answer.strip(), "score": vqa_score(answer, row["answers"])})
+    accuracy = sum(p["score"] for p in predictions) / max(len(predictions), 1)
+    return {"accuracy": accuracy, "count": len(predictions), "predictions": predictions}
+
+
+# -- perplexity ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    pipe: Pipeline, data: str | Path | list[dict[str, Any]], *, batch_size: int = 8, max_len: int | None = None
+) -> dict[str, Any]:
+    """Perplexity over the answer tokens of instruction rows (a file or a list of sample dicts),
+    tokenised exactly as in training (no augmentation)."""
+    model = pipe.model
+    spec = SourceConfig(path=str(data)) if isinstance(data, (str, Path)) else SourceConfig(samples=data)
+    cfg = TrainConfig(stage="finetune", data=DataConfig(sources=[spec], max_len=max_len))
+    source = load_source(spec, cfg, model.config.max_seq_len)
+    acfg = model.adapter_config
+    transform = ImageTransform(acfg.image_encoder, acfg.channel_order, augment=False) if acfg.image_encoder else None
+    dataset = TrainingData([source], PromptEncoder(pipe.tokenizer, pipe.template), transform, "", seed=0)
+    collate = Collate(pipe.tokenizer.pad_id)
+    nll, tokens, skipped = 0.0, 0, 0
+    for has_image in (False, True):
+        rows = [r for r in range(len(source)) if bool(source.has_image[r]) == has_image]
+        for i in tqdm(range(0, len(rows), batch_size), desc="perplexity", unit="batch", disable=not rows):
+            batch = collate([dataset[(0, r, 0, r)] for r in rows[i : i + batch_size]])
+            skipped += len(batch.skipped)
+            if batch.input_ids is None:
+                continue
+            images = None
+            if batch.images is not None:
+                images = batch.images.to(pipe.device, next(model.image_encoder.parameters()).dtype)
+            logits = model(batch.input_ids.to(pipe.device), images).float()
+            targets = batch.labels[:, 1:].to(pipe.device)
+            predicted = logits[:, :-1].reshape(-1, logits.shape[-1])
+            nll += F.cross_entropy(predicted, targets.reshape(-1), ignore_index=IGNORE, reduction="sum").item()
+            tokens += int((targets != IGNORE).sum())
+    return {
+        "perplexity": math.exp(nll / tokens) if tokens else float("nan"),
+        "nll_per_token": nll / tokens if tokens else float("nan"),
+        "answer_tokens": tokens,
+        "skipped": skipped,
+    }
+
+
+# -- MME ----------------------------------------------------------------------------------------------
+
+
+def read_mme_subtask(root: Path, name: str) -> list[dict[str, str]]:
+    """Questions of one MME subtask, in either of the release's two folder layouts."""
+    folder = root / name
+    if (folder / "questions_answers_YN").is_dir():
+        pairs = [(q, folder / "images") for q in sorted((folder / "questions_answers_YN").glob("*.txt"))]
+    else:
+        pairs = [(q, folder) for q in sorted(folder.glob("*.txt"))]
+    rows = []
+    for question_file, image_dir in pairs:
+        candidates = (image_dir / (question_file.stem + suffix) for suffix in IMAGE_SUFFIXES)
+        image = next((c for c in candidates if c.is_file()), None)
+        if image is None:
+            log.warning("MME %s: no image for %s", name, question_file.name)
+            continue
+        for line in question_file.read_text(encoding="utf-8").splitlines():
+            parts = line.split("\t")
+            if len(parts) == 2:
+                rows.append({"image": str(image), "question": parts[0], "answer": parts[1]})
+    return rows
+
+
+def write_mme_answers(
+    pipe: Pipeline, mme_dir: str | Path, out_dir: str | Path, *, batch_size: int = 8, max_new_tokens: int = 30
+) -> dict[str, int]:
+    """Answer every MME subtask found in ``mme_dir``; returns the questions answered per subtask."""
+    mme_dir, out_dir = Path(mme_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in MME_SUBTASKS:
+        if not (mme_dir / name).is_dir():
+            continue
+        rows = read_mme_subtask(mme_dir, name)
+        lines = []
+        for i in tqdm(range(0, len(rows), batch_size), desc=name, unit="batch"):
+            chunk = rows[i : i + batch_size]
+            system = {"role": "system", "content": MME_SYSTEM}
+            prompts = [[system, {"role": "user", "content": r["question"]}] for r in chunk]
+            answers = pipe.generate_batch(prompts, [r["image"] for r in chunk], max_new_tokens=max_new_tokens)
+            for row, answer in zip(chunk, answers):
+                clean = " ".join(answer.split())  # the results file is tab-separated, one line per question
+                lines.append(f"{Path(row['image']).name}\t{row['question']}\t{row['answer']}\t{clean}")
+        (out_dir / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        written[name] = len(lines)
+    if not written:
+        raise FileNotFoundError(f"No MME subtask folders ({', '.join(MME_SUBTASKS[:3])}, …) in {mme_dir}")
+    return written
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--adapter", help="adapter file (its base is read from it)")
+    shared.add_argument("--base", help="base model (default: the one the adapter names)")
+    shared.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    shared.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16/fp16 on GPU, fp32 on CPU")
+    shared.add_argument("--batch-size", type=int, default=8)
+    vqa = commands.add_parser("vqa", parents=[shared], help="VQA accuracy (normalised exact match)")
+    vqa.add_argument("--data", required=True, help="VQA-style JSON (easy-VQA questions.json or dicts)")
+    vqa.add_argument("--limit", type=int, help="first N questions only")
+    vqa.add_argument("--prompt", default="{question}", help="prompt template around {question}")
+    vqa.add_argument("--max-new-tokens", type=int, default=10)
+    vqa.add_argument("--out", help="write every prediction to this JSONL file")
+    ppl = commands.add_parser("perplexity", parents=[shared], help="perplexity on held-out instructions")
+    ppl.add_argument("--data", required=True, help="instruction JSON/JSONL (or a caption CSV)")
+    ppl.add_argument("--max-len", type=int, help="token limit per sample (default per source type)")
+    mme = commands.add_parser("mme", parents=[shared], help="MME answer files for eval_tool/calculation.py")
+    mme.add_argument("--mme-dir", required=True, help="MME_Benchmark_release_version folder")
+    mme.add_argument("--out", required=True, help="folder for <subtask>.txt answer files")
+    mme.add_argument("--max-new-tokens", type=int, default=30)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
+
+    pipe = load_pipeline(args.base, args.adapter, device=args.device, dtype=args.dtype)
+    if args.command == "vqa":
+        result = evaluate_vqa(
+            pipe,
+            read_vqa(args.data, args.limit),
+            prompt=args.prompt,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+        )
+        if args.out:
+            Path(args.out).write_text("".join(json.dumps(p) + "\n" for p in result["predictions"]))
+        print(json.dumps({"accuracy": result["accuracy"], "count": result["count"]}))
+    elif args.command == "perplexity":
+        print(json.dumps(evaluate_perplexity(pipe, args.data, batch_size=args.batch_size, max_len=args.max_len)))
+    else:
+        written = write_mme_answers(
+            pipe, args.mme_dir, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+        )
+        print(json.dumps({"written": written, "next": f"python eval_tool/calculation.py --results_dir {args.out}"}))
+
+
+if __name__ == "__main__":
+    main()
