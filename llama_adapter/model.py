@@ -63,9 +63,13 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, use_lora: bool = True) -> torch.Tensor:
         h = x * self.scale.to(x.dtype) if self.scale is not None else x
-        y = self.base(h)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if isinstance(self.base, nn.Linear):
+            y = F.linear(h, self.base.weight, bias)  # the bias add fused into the matmul
+        else:  # a quantized base
+            y = self.base(h)
+            if bias is not None:
+                y = y + bias.to(y.dtype)
         if use_lora and self.lora_a is not None:
             y = y + self.lora_b(self.lora_a(x.to(self.lora_a.weight.dtype))).to(y.dtype)
         return y
@@ -391,8 +395,11 @@ class LlamaAdapter(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, S, vocab] (or [B, 1, vocab] with ``last_only``).
+        """Logits [B, S, vocab]; [B, 1, vocab] with ``last_only`` (generation); [N, vocab] at the
+        N positions of a boolean ``logits_at`` [B, S] (training: the head over the vocabulary
+        is the largest matmul, so it runs only where a loss is taken).
 
         ``attention_mask`` [B, S] marks real tokens (0 = left padding). With a ``cache`` the
         tokens continue the cached sequence and their keys/values are appended to it.
@@ -414,6 +421,8 @@ class LlamaAdapter(nn.Module):
             cache.advance(s)
         if last_only:
             h = h[:, -1:]
+        elif logits_at is not None:
+            h = h[logits_at]
         return self.output(self.norm(h))
 
     def _positions_and_mask(

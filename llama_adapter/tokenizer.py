@@ -14,6 +14,7 @@ class Tokenizer:
     model's own chat template when it has one."""
 
     bos_id: int | None
+    eos_id: int
     stop_ids: set[int]
     vocab_size: int
 
@@ -29,7 +30,7 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        return min(self.stop_ids)
+        return self.eos_id
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -46,7 +47,8 @@ class SentencePieceTokenizer(Tokenizer):
                 "file: use the Hugging Face-format checkpoint of that model instead."
             ) from e
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
-        self.stop_ids = {self.sp.eos_id()} if self.sp.eos_id() >= 0 else set()
+        self.eos_id = self.sp.eos_id()
+        self.stop_ids = {self.eos_id} if self.eos_id >= 0 else set()
         self.vocab_size = self.sp.vocab_size()
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
@@ -61,7 +63,8 @@ class HFTokenizer(Tokenizer):
     def __init__(self, hf_tokenizer: Any) -> None:
         self.hf = hf_tokenizer
         self.bos_id = hf_tokenizer.bos_token_id
-        stops = {hf_tokenizer.eos_token_id}
+        self.eos_id = hf_tokenizer.eos_token_id
+        stops = {self.eos_id}
         for token in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|endoftext|>"):
             tid = hf_tokenizer.convert_tokens_to_ids(token)
             if isinstance(tid, int) and tid != hf_tokenizer.unk_token_id:

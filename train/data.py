@@ -306,9 +306,8 @@ class PromptEncoder:
         if not full.startswith(first + "a"):
             raise ValueError(f"The {template!r} template does not extend a conversation turn by turn: cannot train")
         after = tokenizer.encode(full[len(first) + 1 :], bos=False)
-        # The library treats the lowest stop id as EOS (it is also its pad id).
         self.end_in_template = bool(after) and after[0] in tokenizer.stop_ids
-        self.end_id = after[0] if self.end_in_template else min(tokenizer.stop_ids)
+        self.end_id = after[0] if self.end_in_template else tokenizer.eos_id
 
     def encode(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
         ids: list[int] = []

@@ -168,8 +168,6 @@ class Trainer:
             has_chat = self.tokenizer.apply_chat_template([{"role": "user", "content": "x"}]) is not None
             template = "chat" if has_chat and self.adapter_config.wiring != "official" else "alpaca"
         self.template = template
-        self._loss_positions: torch.Tensor | None = None
-        self.model.output.register_forward_pre_hook(self._logits_at_loss_positions)
         set_trainable(self.model, cfg.stage)
         groups = parameter_groups(self.model)
         self.group_params = {g: groups[g] for g in GROUPS if cfg.stage in (g, "joint")}
@@ -366,20 +364,9 @@ class Trainer:
         labels = labels.to(device)
         positions = torch.zeros_like(labels, dtype=torch.bool)
         positions[:, :-1] = labels[:, 1:] != IGNORE  # position i predicts token i + 1
-        self._loss_positions = positions
-        try:
-            with self.accelerator.autocast():
-                logits = self.model(ids.to(device), images)  # [answer tokens, vocab]
-        finally:
-            self._loss_positions = None
+        with self.accelerator.autocast():
+            logits = self.model(ids.to(device), images, logits_at=positions)  # [answer tokens, vocab]
         return F.cross_entropy(logits.float(), labels[:, 1:][positions[:, :-1]], reduction="sum")
-
-    def _logits_at_loss_positions(self, module: torch.nn.Module, args: tuple) -> tuple | None:
-        """Forward pre-hook of the LM head: keep only the positions that carry a loss. The head
-        over the whole vocabulary is a step's largest matmul; prompt and padding rows are waste."""
-        if self._loss_positions is None:
-            return None
-        return (args[0][self._loss_positions],)
 
     def train_step(self, micro: list[Batch]) -> dict[str, Any]:
         """One optimiser step over this process's ``grad_accum`` micro-batches (all of one kind)."""
