@@ -20,7 +20,7 @@ from .errors import CheckpointError, InputError
 from .generate import Sampling, TextStream, decode_tokens
 from .images import DEFAULT_MAX_PIXELS, ImageInput, image_to_tensor, open_image
 from .model import KVCache, LlamaAdapter, adapter_state_dict, parameter_group
-from .prompts import Prompt, Template, as_messages, render, stop_strings
+from .prompts import Prompt, Template, as_messages, render, stop_strings, with_system
 from .quantize import quantize_model
 from .tokenizer import Tokenizer
 from .weights import AdapterWeights, BaseWeights, check_keys, load_adapter, load_base, read_adapter_metadata
@@ -101,7 +101,8 @@ def load(
         "load_seconds": round(time.perf_counter() - started, 2),
     }
     log.info("Loaded %s", info)
-    return Pipeline(model, tokenizer, template=template, info=info)
+    system_prompt = adapter_weights.metadata.get("system_prompt") if adapter_weights is not None else None
+    return Pipeline(model, tokenizer, template=template, info=info, system_prompt=system_prompt)
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -208,6 +209,7 @@ class Pipeline:
     template: Template = "chat"
     info: dict[str, Any] = field(default_factory=dict)
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    system_prompt: str | None = None  # used when a conversation has no system message
 
     @property
     def device(self) -> torch.device:
@@ -225,7 +227,7 @@ class Pipeline:
 
     def render(self, prompt: Prompt) -> str:
         """The exact text the model reads for ``prompt`` (a string or a list of messages)."""
-        return render(as_messages(prompt), self.template, self.tokenizer)
+        return render(with_system(as_messages(prompt), self.system_prompt), self.template, self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, bos=self.template == "alpaca")

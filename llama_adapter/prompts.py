@@ -43,6 +43,13 @@ def as_messages(prompt: Prompt) -> list[Message]:
     return list(prompt)
 
 
+def with_system(messages: list[Message], system_prompt: str | None) -> list[Message]:
+    """``messages`` with ``system_prompt`` in front, unless they already hold a system message."""
+    if not system_prompt or any(m.get("role") == "system" for m in messages):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 def validate_messages(messages: list[Message]) -> None:
     if not messages:
         raise InputError("The conversation is empty: write a message first.")

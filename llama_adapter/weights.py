@@ -565,9 +565,11 @@ def save_adapter(
     base_name: str,
     base_fingerprint: str,
     prompt_template: str,
+    system_prompt: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write an adapter: safetensors holding only adapter tensors, plus JSON metadata. Atomic."""
+    """Write an adapter: safetensors holding only adapter tensors, plus JSON metadata (config,
+    base and its fingerprint, channel order, prompt template, default system prompt). Atomic."""
     path = Path(path)
     meta = {
         "format": ADAPTER_FORMAT,
@@ -578,6 +580,7 @@ def save_adapter(
         "base_fingerprint": base_fingerprint,
         "channel_order": config.channel_order,
         "prompt_template": prompt_template,
+        "system_prompt": system_prompt,
         **(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -153,6 +153,7 @@ def test_our_adapter_round_trip(tiny_spm, tmp_path):
         base_name=str(tmp_path / "hf"),
         base_fingerprint=base.fingerprint,
         prompt_template="alpaca",
+        system_prompt="You see images.",
         extra={"note": "round trip"},
     )
     loaded = read_adapter(path)
@@ -162,6 +163,10 @@ def test_our_adapter_round_trip(tiny_spm, tmp_path):
     assert not any(k.endswith("base.weight") or k.startswith("tok_") for k in loaded.state_dict)
 
     pipe = llama_adapter.load(adapter=path)  # the base comes from the metadata
+    assert pipe.render("Hi").startswith("You see images.\n\n### Instruction:\nHi")
+    assert pipe.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]).startswith(
+        "Be brief."
+    )
     ids = torch.randint(0, 320, (1, 12))
     features = torch.randn(1, 49, 1280)
     with torch.no_grad():

@@ -51,6 +51,9 @@ class ModelConfig:
     )
     init_adapter: str | None = _help("start from this adapter file (e.g. the pretrain result); its config wins", None)
     template: str = _help("prompt template: alpaca, chat, or auto (chat when the tokenizer has one)", "auto")
+    system_prompt: str | None = _help(
+        "system message of samples that have none; saved in the adapter, inference uses it too", None
+    )
     pretrained_encoder: bool = _help("load the image encoder's pretrained weights (false: random, for tests)", True)
     clip_weights: str | None = _help("CLIP weights: 'openai' (download) or a local file", "openai")
     base_dtype: str = _help("frozen base dtype: auto (the autocast dtype on GPU, else fp32), fp32, bf16, fp16", "auto")

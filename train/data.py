@@ -37,7 +37,7 @@ from PIL import Image
 from llama_adapter.config import IMAGE_ENCODERS
 from llama_adapter.errors import InputError
 from llama_adapter.images import image_to_tensor, open_image
-from llama_adapter.prompts import render
+from llama_adapter.prompts import render, with_system
 from llama_adapter.tokenizer import Tokenizer
 
 from .config import MAX_LEN_DEFAULTS, SourceConfig, TrainConfig
@@ -296,8 +296,8 @@ class PromptEncoder:
     renders (``llama_adapter.prompts.render``); each answer is followed by the token that ends an
     answer at inference (ChatML's ``<|im_end|>``, EOS for Alpaca)."""
 
-    def __init__(self, tokenizer: Tokenizer, template: str) -> None:
-        self.tokenizer, self.template = tokenizer, template
+    def __init__(self, tokenizer: Tokenizer, template: str, system_prompt: str | None = None) -> None:
+        self.tokenizer, self.template, self.system_prompt = tokenizer, template, system_prompt
         self.bos = template == "alpaca"  # as Pipeline.encode: chat templates write their own start
         question, answer = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
         probe = [question, answer, question]
@@ -310,6 +310,7 @@ class PromptEncoder:
         self.end_id = after[0] if self.end_in_template else tokenizer.eos_id
 
     def encode(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        messages = with_system(messages, self.system_prompt)
         ids: list[int] = []
         labels: list[int] = []
         covered: str | None = None

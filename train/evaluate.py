@@ -112,7 +112,11 @@ def load_pipeline(base: str | None, adapter: str | None, *, device: str = "cpu",
         torch.manual_seed(training.get("seed", 0))
         model = build_model(tiny, weights, pretrained_encoder=training.get("pretrained_encoder", True))
     return Pipeline(
-        model.to(device).eval(), tiny.tokenizer, template=meta.get("prompt_template", "alpaca"), info={"base": base}
+        model.to(device).eval(),
+        tiny.tokenizer,
+        template=meta.get("prompt_template", "alpaca"),
+        info={"base": base},
+        system_prompt=meta.get("system_prompt"),
     )
 
 
@@ -182,7 +186,8 @@ def evaluate_perplexity(
     source = load_source(spec, cfg, model.config.max_seq_len)
     acfg = model.adapter_config
     transform = ImageTransform(acfg.image_encoder, acfg.channel_order, augment=False) if acfg.image_encoder else None
-    dataset = TrainingData([source], PromptEncoder(pipe.tokenizer, pipe.template), transform, "", seed=0)
+    encoder = PromptEncoder(pipe.tokenizer, pipe.template, pipe.system_prompt)
+    dataset = TrainingData([source], encoder, transform, "", seed=0)
     collate = Collate(pipe.tokenizer.pad_id)
     nll, tokens, skipped = 0.0, 0, 0
     for has_image in (False, True):

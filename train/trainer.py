@@ -190,7 +190,7 @@ class Trainer:
         if self.adapter_config.image_encoder is not None:
             acfg = self.adapter_config
             transform = ImageTransform(acfg.image_encoder, acfg.channel_order, cfg.data.augment)
-        self.prompt_encoder = PromptEncoder(self.tokenizer, self.template)
+        self.prompt_encoder = PromptEncoder(self.tokenizer, self.template, cfg.model.system_prompt)
         self.dataset = TrainingData(sources, self.prompt_encoder, transform, cfg.data.caption_prompt, cfg.seed)
         spe = self.plan.steps_per_epoch
         self.total_steps = math.ceil(cfg.stage_default("epochs") * spe)
@@ -326,6 +326,7 @@ class Trainer:
             base_name=self.cfg.model.base,
             base_fingerprint=self.base.fingerprint,
             prompt_template=self.template,
+            system_prompt=self.cfg.model.system_prompt,
             extra={
                 "training": {
                     "stage": self.cfg.stage,
