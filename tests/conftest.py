@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 CORPUS = """The quick brown fox jumps over the lazy dog. A red circle sits next to a blue square.

@@ -137,6 +137,17 @@ def test_joint_batch_touches_only_its_own_group(tmp_path, data):
         assert changed and changed <= own_names
 
 
+def test_all_stage_batch_updates_both_groups(tmp_path, data):
+    """The ablation baseline: without disjoint groups, a caption batch moves the language side too."""
+    trainer = Trainer(tiny_config(tmp_path, "all", joint_sources(data), optim={"warmup_epochs": 0}))
+    micro = next(m for m in trainer.data_loader(0, trainer.plan.steps_per_epoch) if m.input_ids is not None)
+    before = {n: p.detach().clone() for n, p in adapter_state_dict(trainer.unwrapped).items()}
+    trainer.train_step([micro])
+    changed = {n for n, p in adapter_state_dict(trainer.unwrapped).items() if not torch.equal(before[n], p)}
+    for group in ("pretrain", "finetune"):
+        assert changed & {n for n, _ in trainer.group_params[group]}
+
+
 def test_resumed_run_is_bit_identical(tmp_path, data):
     sources = joint_sources(data)
     full = run(tiny_config(tmp_path / "full", "joint", sources, optim={"epochs": 0.5}))

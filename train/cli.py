@@ -37,6 +37,10 @@ STAGES = {
             FINETUNE_GROUP,
         ],
     ),
+    "all": (
+        "Ablation baseline (not the paper's): both data kinds, every batch updates both groups",
+        ["Trains the union of the two groups on every batch; compare with joint."],
+    ),
 }
 
 EPILOG = """\

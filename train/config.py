@@ -12,7 +12,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-STAGES: tuple[str, ...] = ("pretrain", "finetune", "joint")
+# "all" is not the paper's: every batch updates both groups (the baseline of the joint ablation).
+STAGES: tuple[str, ...] = ("pretrain", "finetune", "joint", "all")
 GROUPS: tuple[str, ...] = ("pretrain", "finetune")
 
 # The official multimodal-7B recipe (exps/pretrain.sh, exps/finetune.sh). Pretraining runs 150
@@ -22,6 +23,7 @@ STAGE_DEFAULTS: dict[str, dict[str, float]] = {
     "finetune": {"epochs": 4.0, "warmup_epochs": 1.0, "blr": 1.0e-3, "weight_decay": 0.02},
     # Joint: each parameter group keeps its own stage's blr and weight decay.
     "joint": {"epochs": 4.0, "warmup_epochs": 1.0},
+    "all": {"epochs": 4.0, "warmup_epochs": 1.0},
 }
 # Official max_words: captions 96 tokens, instructions 512.
 MAX_LEN_DEFAULTS: dict[str, int] = {"captions": 96, "instructions": 512}
@@ -177,7 +179,7 @@ class TrainConfig:
         """(learning rate, weight decay) of a parameter group: its own setting, else the stage-wide
         one, else the official value (in ``joint``, each group's own stage's value)."""
         own = self.optim.groups.get(group) or GroupOptimConfig()
-        defaults = STAGE_DEFAULTS[group if self.stage == "joint" else self.stage]
+        defaults = STAGE_DEFAULTS[group if self.stage in ("joint", "all") else self.stage]
         lr = _first(own.lr, self.optim.lr)
         if lr is None:
             lr = _first(own.blr, self.optim.blr, defaults["blr"]) * effective_batch / 256

@@ -134,7 +134,7 @@ def load_source(spec: SourceConfig, cfg: TrainConfig, model_max_len: int) -> Sou
             raise ValueError(f"{path}: expected a .csv/.tsv (captions) or .json/.jsonl (instructions, VQA) file")
     if fmt not in FORMATS:
         raise ValueError(f"Source {name}: format must be one of {', '.join(FORMATS)}; got {fmt!r}")
-    if cfg.stage == "joint":
+    if cfg.stage in ("joint", "all"):
         group = spec.group or ("pretrain" if fmt == "captions" else "finetune")
     else:
         group = cfg.stage

@@ -168,9 +168,9 @@ class Trainer:
             has_chat = self.tokenizer.apply_chat_template([{"role": "user", "content": "x"}]) is not None
             template = "chat" if has_chat and self.adapter_config.wiring != "official" else "alpaca"
         self.template = template
-        set_trainable(self.model, cfg.stage)
+        set_trainable(self.model, "joint" if cfg.stage == "all" else cfg.stage)
         groups = parameter_groups(self.model)
-        self.group_params = {g: groups[g] for g in GROUPS if cfg.stage in (g, "joint")}
+        self.group_params = {g: groups[g] for g in GROUPS if cfg.stage in (g, "joint", "all")}
         self.names = {p: n for g in self.group_params.values() for n, p in g}
         for g, params in self.group_params.items():
             if not params:
