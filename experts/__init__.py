@@ -32,6 +32,7 @@ from .base import (
 from .caption import AdapterCaptioner, CocaCaptioner, ImageNetTagger
 from .ocr import ENGINES, OcrExpert, TextBox, reading_order
 from .prompt import BuiltPrompt, build_prompt
+from .session import Description, ImageChat, describe
 
 
 def __getattr__(name: str) -> Any:
@@ -54,10 +55,12 @@ __all__ = [
     "BuiltPrompt",
     "CocaCaptioner",
     "Comparison",
+    "Description",
     "Expert",
     "ExpertCache",
     "ExpertReport",
     "ExpertResult",
+    "ImageChat",
     "ImageNetTagger",
     "OcrExpert",
     "Registry",
@@ -66,6 +69,7 @@ __all__ = [
     "build_prompt",
     "compare",
     "default_registry",
+    "describe",
     "image_hash",
     "reading_order",
     "run_expert",

@@ -1,0 +1,724 @@
+"""The LLaMA-Adapter V2 demo: chat, chat about an image with OCR and caption experts, and a with/without comparison.
+
+    python app.py                                     # the shipped demo model, offline, http://127.0.0.1:7860
+    python app.py --base /path/to/llama_dir --adapter BIAS-7B --device cuda --share
+
+Layout and wiring only: every action calls one library function (``ChatSession.stream``,
+``experts.ImageChat.stream``, ``experts.compare``, ``experts.describe``, …). One model per process
+is shared by every session; each session keeps its own conversations (and their KV caches) in
+``gr.State``. Named API endpoints for ``gradio_client``: ``/chat``, ``/describe_image``, ``/compare``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch is imported: idle OpenMP threads sleep instead of spinning, which on a small shared
+# CPU otherwise starves the very threads doing the work.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import threading  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Iterator, Sequence, TypeVar, Union  # noqa: E402
+
+import gradio as gr  # noqa: E402
+from gradio import FileData  # noqa: E402
+
+import llama_adapter  # noqa: E402
+from experts import ExpertReport, ImageChat, Registry, compare, default_registry, describe  # noqa: E402
+from llama_adapter import ChatSession, InputError, LlamaAdapterError, Pipeline  # noqa: E402
+
+log = logging.getLogger("app")
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
+QUEUE_SIZE = 32
+"""Waiting requests beyond this are turned away at once rather than left to wait for many minutes."""
+MAX_MESSAGE_CHARS = 8000
+"""Typing limit of the text boxes; the library still refuses a prompt longer than the model's context."""
+MAX_FILE_SIZE = "25mb"
+QUANTIZE = ("int8",)
+DTYPES = ("fp32", "bf16", "fp16")
+CHAT_EXAMPLES = [
+    "Name three colours.",
+    "Write a haiku about autumn.",
+    "Explain in one sentence why the sky is blue.",
+    "Give me three tips for learning a new language.",
+]
+NOT_COMPARED = "_Press **Compare** to answer the question without and with the chosen experts, same seed._"
+NOTHING_SEEN = "_Ask a question about the image to see the experts' text and the exact prompt the model read._"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+try:
+    import spaces
+
+    gpu: Callable[[F], F] = spaces.GPU
+except ImportError:
+
+    def gpu(fn: F) -> F:
+        """Without the ``spaces`` package (anywhere but Hugging Face Spaces) there is no GPU to request."""
+        return fn
+
+
+Session = Union[ChatSession, ImageChat]
+
+
+@dataclass(eq=False)
+class Conversation:
+    """One browser session's conversation, the switch that stops its answer, and a lock held while
+    an answer is written, so that Undo or Clear wait until a stopped answer is in the history."""
+
+    session: Session
+    cancel: threading.Event = field(default_factory=threading.Event)
+    busy: threading.Lock = field(default_factory=threading.Lock)
+    upload: str | None = None
+    """The uploaded file the image tab was last given (accepted or not)."""
+
+    @contextmanager
+    def turn(self) -> Iterator[threading.Event]:
+        with self.busy:
+            self.cancel = threading.Event()
+            yield self.cancel
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop the answer being written, if any, and hold the conversation still."""
+        self.cancel.set()
+        if not self.busy.acquire(timeout=30):
+            raise gr.Error("The previous answer is still being written. Try again in a moment.")
+        try:
+            yield
+        finally:
+            self.busy.release()
+
+
+# -- presentation -----------------------------------------------------------------------------------------
+
+
+def header_markdown(pipe: Pipeline) -> str:
+    info = pipe.info
+    adapter = Path(info["adapter"]).name if info.get("adapter") else "none (plain base model)"
+    precision = info["dtype"] + (f", {info['quantize']} weights" if info.get("quantize") else "")
+    sight = f"sees images through {info['image_encoder']}" if pipe.accepts_images else "text only"
+    return (
+        "# LLaMA-Adapter V2\n"
+        f"**Base** `{info['base']}` · **adapter** `{adapter}` · **precision** {precision} on `{info['device']}` "
+        f"· {sight}\n\n"
+        "A parameter-efficient visual instruction model. One answer is generated at a time; others wait "
+        f"in a queue of up to {QUEUE_SIZE}."
+    )
+
+
+def display(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """A conversation as Gradio chat messages: no system prompt, no expert context."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
+
+
+def report_markdown(chat: ImageChat) -> str:
+    if chat.last_report is None:
+        return NOTHING_SEEN
+    if chat.image_to_model:
+        lines = ["**Image**: given to the model as its visual prompt."]
+    else:
+        lines = ["**Image**: not seen by this text-only model; only the experts' text describes it."]
+    if not len(chat.last_report):
+        lines.append("**Experts**: none chosen.")
+    for r in chat.last_report:
+        if r.status != "ok":
+            lines.append(f"**{r.label}**: skipped ({r.status}): {r.reason}")
+            continue
+        timing = "cached" if r.cached else f"{r.seconds:.2f} s"
+        text = r.text.strip()
+        lines.append(
+            f"**{r.label}** ({timing}):\n```text\n{text}\n```" if text else f"**{r.label}** ({timing}): no text"
+        )
+    return "\n\n".join(lines)
+
+
+def skipped_warnings(report: ExpertReport | None) -> None:
+    for r in report.skipped if report is not None else []:
+        gr.Warning(f"{r.label} was skipped ({r.reason}); the answer went on without it.")
+
+
+def plain(error: Exception) -> str:
+    """The sentence of a library error (a KeyError's message is its first argument, unquoted)."""
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+
+
+def sampling(temperature: float, top_p: float, max_new_tokens: float, seed: float | None) -> dict[str, Any]:
+    return {
+        "temperature": float(temperature),
+        "top_p": float(top_p),
+        "max_new_tokens": int(max_new_tokens),
+        "seed": None if seed is None or seed < 0 else int(seed),
+    }
+
+
+def upload_path(image: FileData | dict | None) -> str | None:
+    """The server-side path of an uploaded image: Gradio hands it over unprocessed (``preprocess=False``)
+    so that a corrupt or huge file reaches ``open_image`` and gets a plain answer instead of a crash."""
+    if image is None:
+        return None
+    if isinstance(image, FileData):
+        return image.path
+    if isinstance(image, dict) and image.get("path"):
+        return image["path"]
+    raise gr.Error("Send the image as a file, e.g. gradio_client.handle_file('photo.jpg').")
+
+
+def load_examples(directory: Path) -> list[list[str]]:
+    """``[image path, question]`` rows from ``directory/examples.json``; none when it is missing."""
+    index = directory / "examples.json"
+    if not index.is_file():
+        log.info("No example images (%s not found)", index)
+        return []
+    try:
+        items = json.loads(index.read_text())
+        rows = [[str(directory / item["image"]), str(item["question"])] for item in items]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        log.warning("Ignoring unreadable examples index %s: %s", index, e)
+        return []
+    return [row for row in rows if Path(row[0]).is_file()]
+
+
+def expert_choices(registry: Registry) -> list[tuple[str, str]]:
+    """(label, kind) of the preferred expert of each kind, e.g. ("OCR (easyocr)", "ocr")."""
+    choices = []
+    for kind in ("ocr", "caption"):
+        try:
+            choices.append((registry.get(kind).label, kind))
+        except KeyError:
+            log.info("No %s expert registered", kind)
+    return choices
+
+
+def sampling_controls(tab: str, temperature: float, top_p: float, max_new_tokens: int, seed: int) -> list[gr.Component]:
+    with gr.Accordion("Sampling", open=False, elem_id=f"{tab}-sampling"):
+        with gr.Row():
+            t = gr.Slider(0.0, 1.5, value=temperature, step=0.05, label="Temperature", info="0 = greedy")
+            p = gr.Slider(0.05, 1.0, value=top_p, step=0.05, label="Top-p")
+        with gr.Row():
+            n = gr.Slider(1, 1024, value=max_new_tokens, step=1, label="Max new tokens", elem_id=f"{tab}-max-tokens")
+            s = gr.Number(value=seed, precision=0, minimum=-1, label="Seed", info="-1 = random")
+    return [t, p, n, s]
+
+
+# -- the app ----------------------------------------------------------------------------------------------
+
+
+def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
+    """The whole app around one loaded pipeline; ``registry`` chooses the experts (default: all installed)."""
+    registry = registry or default_registry()
+    image_examples = load_examples(examples_dir)
+    if image_examples:
+        gr.set_static_paths([examples_dir])
+    model = {"concurrency_id": "model", "concurrency_limit": 1}  # one generation at a time, every tab and API
+    instant = {"queue": False, "api_visibility": "private"}
+
+    def stream_turn(
+        conv: Conversation, question: str, start: Callable[[threading.Event], Iterator[str]], waiting: str = ""
+    ) -> Iterator[tuple[list[dict[str, str]], str]]:
+        """Stream one answer into the chat: (messages, text box). A question the library refuses
+        stays in the box with a warning saying why; the conversation is unchanged."""
+        with conv.turn() as cancel:
+            before = display(conv.session.messages)
+            asked = {"role": "user", "content": question}
+            yield [*before, asked, {"role": "assistant", "content": waiting}], ""
+            answer = ""
+            pieces = start(cancel)
+            try:
+                for piece in pieces:
+                    answer += piece
+                    yield [*before, asked, {"role": "assistant", "content": answer}], ""
+            except (InputError, KeyError) as e:
+                gr.Warning(plain(e))
+                yield display(conv.session.messages), question
+                return
+            finally:
+                pieces.close()
+            # The session's own record (it may have dropped the oldest turns to fit the context), sent
+            # while the lock is held so that an Undo waiting for it cannot be overtaken by it.
+            yield display(conv.session.messages), ""
+
+    # -- chat tab handlers --
+
+    def new_chat(system: str | None) -> Conversation:
+        return Conversation(pipe.chat(system=(system or "").strip() or None))
+
+    def use_system(session: ChatSession, system: str | None) -> None:
+        # The KV cache is matched by prefix, so editing the system prompt mid-conversation only costs a prefill.
+        rest = [m for m in session.messages if m["role"] != "system"]
+        system = (system or "").strip()
+        session.messages[:] = ([{"role": "system", "content": system}] if system else []) + rest
+
+    @gpu
+    def chat_send(
+        message: str,
+        conv: Conversation | None,
+        system: str | None,
+        temperature: float,
+        top_p: float,
+        tokens: float,
+        seed: float,
+    ) -> Iterator[tuple[list[dict[str, str]], str, Conversation]]:
+        conv = conv or new_chat(system)
+        use_system(conv.session, system)
+        params = sampling(temperature, top_p, tokens, seed)
+        for messages, box in stream_turn(conv, message, lambda c: conv.session.stream(message, cancel=c, **params)):
+            yield messages, box, conv
+
+    @gpu
+    def chat_retry(
+        conv: Conversation | None, system: str | None, temperature: float, top_p: float, tokens: float, seed: float
+    ) -> Iterator[tuple[list[dict[str, str]], str, Conversation | None]]:
+        asked = [m["content"] for m in conv.session.messages if m["role"] == "user"] if conv else []
+        if not asked:
+            gr.Warning("There is no question to answer again yet.")
+            yield display(conv.session.messages) if conv else [], "", conv
+            return
+        with conv.paused():
+            conv.session.undo()
+        yield from chat_send(asked[-1], conv, system, temperature, top_p, tokens, seed)
+
+    def chat_undo(conv: Conversation | None) -> list[dict[str, str]]:
+        if conv is None:
+            return []
+        with conv.paused():
+            conv.session.undo()
+        return display(conv.session.messages)
+
+    def chat_clear(conv: Conversation | None, system: str | None) -> tuple[list[dict[str, str]], Conversation]:
+        if conv is not None:
+            conv.cancel.set()
+        return [], new_chat(system)
+
+    def stop(conv: Conversation | None) -> None:
+        if conv is not None:
+            conv.cancel.set()
+
+    # -- image tab handlers --
+
+    def new_image_chat() -> Conversation:
+        return Conversation(ImageChat(pipe, registry=registry))
+
+    def seen(conv: Conversation) -> tuple[str, str]:
+        return report_markdown(conv.session), conv.session.last_prompt or ""
+
+    def image_set(image: FileData | dict | None, conv: Conversation | None) -> tuple[Any, ...]:
+        conv = conv or new_image_chat()
+        path = upload_path(image)
+        if path is not None and path == conv.upload:
+            # Gradio's image fires a second change when a bad file replaces a good one: one warning is enough.
+            return (gr.skip(),) * 5
+        conv.upload = path
+        rejected = False
+        with conv.paused():
+            try:
+                conv.session.set_image(path)
+            except InputError as e:
+                gr.Warning(plain(e))
+                conv.session.set_image(None)
+                rejected = True
+        # Clearing a rejected image fires this event again, with no image: the session follows.
+        return [], *seen(conv), gr.update(value=None) if rejected else gr.update(), conv
+
+    @gpu
+    def image_ask(
+        question: str,
+        chosen: list[str],
+        conv: Conversation | None,
+        temperature: float,
+        top_p: float,
+        tokens: float,
+        seed: float,
+    ) -> Iterator[tuple[Any, ...]]:
+        conv = conv or new_image_chat()
+        params = sampling(temperature, top_p, tokens, seed)
+        names = ", ".join(label for label, kind in expert_choices(registry) if kind in chosen)
+        waiting = f"_Reading the image: {names}…_" if names else ""
+        start = lambda c: conv.session.stream(question, chosen, cancel=c, **params)  # noqa: E731
+        for messages, box in stream_turn(conv, question, start, waiting):
+            yield messages, box, *seen(conv), conv
+        skipped_warnings(conv.session.last_report)
+
+    def image_undo(conv: Conversation | None) -> tuple[Any, ...]:
+        conv = conv or new_image_chat()
+        with conv.paused():
+            conv.session.undo()
+        return display(conv.session.messages), *seen(conv)
+
+    def image_clear(conv: Conversation | None) -> tuple[Any, ...]:
+        conv = conv or new_image_chat()
+        with conv.paused():
+            conv.session.reset()
+        return [], *seen(conv)
+
+    @gpu
+    def image_compare(
+        question: str,
+        chosen: list[str],
+        conv: Conversation | None,
+        temperature: float,
+        top_p: float,
+        tokens: float,
+        seed: float,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects progress through this default
+    ) -> tuple[Any, ...]:
+        unchanged = (gr.skip(),) * 6
+        image = conv.session.image if conv else None
+        asked = [m["content"] for m in conv.session.messages if m["role"] == "user"] if conv else []
+        question = (question or "").strip() or (asked[-1] if asked else "")  # the box is emptied after Ask
+        if image is None:
+            gr.Warning("There is no image yet: upload, paste or photograph one first.")
+            return unchanged
+        if not chosen:
+            gr.Warning("Choose OCR or Caption (or both) to compare against.")
+            return unchanged
+        params = sampling(temperature, top_p, tokens, seed)
+        params["seed"] = 0 if params["seed"] is None else params["seed"]  # both answers need the same seed
+        progress(0, desc="Running the experts, then answering twice…")
+        try:
+            result = compare(pipe, question, image, [chosen], registry=registry, **params)
+        except (InputError, KeyError) as e:
+            gr.Warning(plain(e))
+            return unchanged
+        skipped_warnings(result.experts)
+        panes: list[str] = []
+        for variant in result.variants:
+            title = "Without experts" if not variant.experts else "With " + " + ".join(r.label for r in variant.report)
+            skipped = f" (skipped: {', '.join(variant.skipped)})" if variant.skipped else ""
+            panes += [f"#### {title} · {variant.seconds:.2f} s{skipped}", variant.answer.strip() or "_(empty answer)_"]
+        return *panes, result.baseline.prompt, result.variants[1].prompt
+
+    # -- API endpoints (plain data in and out, for gradio_client) --
+
+    @gpu
+    def chat_api(
+        message: str,
+        history: list[dict],
+        system: str = "",
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Answer `message` after `history` (a list of {"role", "content"} messages); streams the answer as it grows."""
+        messages = [*([{"role": "system", "content": system}] if system else []), *history]
+        messages.append({"role": "user", "content": message})
+        answer = None
+        try:
+            for piece in pipe.stream(messages, **sampling(temperature, top_p, max_new_tokens, seed)):
+                answer = (answer or "") + piece
+                yield answer
+        except InputError as e:
+            raise gr.Error(plain(e), print_exception=False) from e
+        if answer is None:
+            yield ""
+
+    @gpu
+    def describe_image_api(
+        image: FileData,
+        instruction: str,
+        experts: list[str] | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = 0,
+    ) -> dict:
+        """Answer `instruction` about `image` with the text of `experts` ("ocr", "caption") in the prompt.
+        Returns the answer, the exact prompt, each expert's text and status, and the answer's seconds."""
+        try:
+            result = describe(
+                pipe,
+                upload_path(image),
+                instruction,
+                experts or (),
+                registry=registry,
+                **sampling(temperature, top_p, max_new_tokens, seed),
+            )
+        except (InputError, KeyError) as e:
+            raise gr.Error(plain(e), print_exception=False) from e
+        return result.to_dict()
+
+    @gpu
+    def compare_api(
+        image: FileData,
+        instruction: str,
+        experts: list[str],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> dict:
+        """Answer `instruction` about `image` without experts and with `experts`, same seed. Returns
+        "variants" (no experts first), each with its label, prompt, answer and seconds, and the experts' texts."""
+        if not experts:
+            raise gr.Error('Name at least one expert to compare with, e.g. ["ocr"].', print_exception=False)
+        params = sampling(temperature, top_p, max_new_tokens, seed)
+        params["seed"] = 0 if params["seed"] is None else params["seed"]  # both answers need the same seed
+        try:
+            result = compare(pipe, instruction, upload_path(image), [experts], registry=registry, **params)
+        except (InputError, KeyError) as e:
+            raise gr.Error(plain(e), print_exception=False) from e
+        return result.to_dict()
+
+    # -- layout and wiring --
+
+    with gr.Blocks(title="LLaMA-Adapter V2") as demo:
+        gr.Markdown(header_markdown(pipe), elem_id="header")
+
+        with gr.Tab("Chat", id="chat"):
+            chat_state = gr.State(None)
+            chatbot = gr.Chatbot(
+                height=460,
+                label="Conversation",
+                buttons=["copy"],
+                placeholder="Ask anything. Answers stream as they are written.",
+                elem_id="chatbot",
+            )
+            with gr.Row():
+                chat_box = gr.Textbox(
+                    "",
+                    placeholder="Type a message and press Enter",
+                    show_label=False,
+                    max_length=MAX_MESSAGE_CHARS,
+                    scale=8,
+                    autofocus=True,
+                    elem_id="chat-input",
+                )
+                chat_send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+            with gr.Row():
+                chat_stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="chat-stop")
+                chat_retry_btn = gr.Button("Retry", size="sm", elem_id="chat-retry")
+                chat_undo_btn = gr.Button("Undo", size="sm", elem_id="chat-undo")
+                chat_clear_btn = gr.Button("Clear", size="sm", elem_id="chat-clear")
+            with gr.Accordion("System prompt", open=False, elem_id="chat-system"):
+                system_box = gr.Textbox(
+                    "",
+                    placeholder="e.g. You are a concise assistant.",
+                    show_label=False,
+                    lines=2,
+                    max_length=MAX_MESSAGE_CHARS,
+                )
+            chat_sampling = sampling_controls("chat", temperature=0.7, top_p=0.9, max_new_tokens=256, seed=-1)
+            gr.Examples(CHAT_EXAMPLES, inputs=[chat_box], label="Try")
+
+        with gr.Tab("Image", id="image"):
+            image_state = gr.State(None)
+            if not pipe.accepts_images:
+                gr.Markdown(
+                    "ℹ️ This model has no image encoder, so it cannot see pictures itself. Turn on **OCR** or "
+                    "**Caption**: their text about the image is what it will read.",
+                    elem_id="text-only-note",
+                )
+            question = gr.Textbox(
+                "",
+                placeholder="Ask about the image and press Enter",
+                show_label=False,
+                max_length=MAX_MESSAGE_CHARS,
+                elem_id="image-question",
+                render=False,
+            )
+            with gr.Row():
+                with gr.Column(scale=2):
+                    image = gr.Image(
+                        sources=["upload", "clipboard", "webcam"],
+                        type="filepath",
+                        label="Image (upload, paste or webcam)",
+                        height=320,
+                        elem_id="image-input",
+                    )
+                    chosen_experts = gr.CheckboxGroup(
+                        choices=expert_choices(registry),
+                        label="Experts",
+                        info="Their text about the image joins the prompt.",
+                        elem_id="experts",
+                    )
+                    if image_examples:
+                        gr.Examples(
+                            image_examples,
+                            inputs=[image, question],
+                            label="Examples: click one (for the ones with text, turn on OCR)",
+                            examples_per_page=12,
+                            visible_columns=[0],  # thumbnails only; a click also fills in its question
+                            elem_id="image-examples",
+                        )
+                with gr.Column(scale=3):
+                    image_chatbot = gr.Chatbot(
+                        height=380,
+                        label="Conversation about the image",
+                        buttons=["copy"],
+                        placeholder="Add an image, then ask about it. Follow-up questions are about the same image.",
+                        elem_id="image-chatbot",
+                    )
+                    question.render()
+                    with gr.Row():
+                        ask_btn = gr.Button("Ask", variant="primary", elem_id="image-ask")
+                        compare_btn = gr.Button("Compare without / with experts", elem_id="compare-btn")
+                    with gr.Row():
+                        image_stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="image-stop")
+                        image_undo_btn = gr.Button("Undo", size="sm", elem_id="image-undo")
+                        image_clear_btn = gr.Button("Clear", size="sm", elem_id="image-clear")
+                    image_sampling = sampling_controls("image", temperature=0.0, top_p=1.0, max_new_tokens=128, seed=0)
+            with gr.Accordion("What the model saw", open=True):
+                with gr.Row():
+                    seen_experts = gr.Markdown(NOTHING_SEEN, elem_id="seen-experts")
+                    seen_prompt = gr.Code(
+                        label="The exact prompt text",
+                        language=None,
+                        wrap_lines=True,
+                        show_line_numbers=False,
+                        interactive=False,
+                        elem_id="seen-prompt",
+                    )
+            with gr.Accordion("Compare: the same question without and with the chosen experts", open=True):
+                with gr.Row(elem_id="compare-row"):
+                    with gr.Column():
+                        without_title = gr.Markdown("#### Without experts", elem_id="compare-without-title")
+                        without_answer = gr.Markdown(NOT_COMPARED, elem_id="compare-without")
+                        without_prompt = gr.Code(
+                            label="Prompt", language=None, wrap_lines=True, show_line_numbers=False, interactive=False
+                        )
+                    with gr.Column():
+                        with_title = gr.Markdown("#### With experts", elem_id="compare-with-title")
+                        with_answer = gr.Markdown(NOT_COMPARED, elem_id="compare-with")
+                        with_prompt = gr.Code(
+                            label="Prompt", language=None, wrap_lines=True, show_line_numbers=False, interactive=False
+                        )
+
+        # Chat tab
+        chat_event = gr.on(
+            [chat_box.submit, chat_send_btn.click],
+            chat_send,
+            [chat_box, chat_state, system_box, *chat_sampling],
+            [chatbot, chat_box, chat_state],
+            api_visibility="private",
+            **model,
+        )
+        retry_event = chat_retry_btn.click(
+            chat_retry,
+            [chat_state, system_box, *chat_sampling],
+            [chatbot, chat_box, chat_state],
+            api_visibility="private",
+            **model,
+        )
+        # Stop, Undo and Clear run at once, outside the queue, and also stop the answer being written.
+        chat_running = [chat_event, retry_event]
+        chat_stop_btn.click(stop, [chat_state], None, cancels=chat_running, **instant)
+        chat_undo_btn.click(chat_undo, [chat_state], [chatbot], cancels=chat_running, **instant)
+        for clear in (chat_clear_btn.click, chatbot.clear):
+            clear(chat_clear, [chat_state, system_box], [chatbot, chat_state], cancels=chat_running, **instant)
+
+        # Image tab
+        seen_outputs = [seen_experts, seen_prompt]
+        ask_event = gr.on(
+            [question.submit, ask_btn.click],
+            image_ask,
+            [question, chosen_experts, image_state, *image_sampling],
+            [image_chatbot, question, *seen_outputs, image_state],
+            api_visibility="private",
+            **model,
+        )
+        compare_event = compare_btn.click(
+            image_compare,
+            [question, chosen_experts, image_state, *image_sampling],
+            [without_title, without_answer, with_title, with_answer, without_prompt, with_prompt],
+            show_progress_on=[without_answer, with_answer],
+            api_visibility="private",
+            **model,
+        )
+        image_running = [ask_event, compare_event]
+        image.change(
+            image_set,
+            [image, image_state],
+            [image_chatbot, *seen_outputs, image, image_state],
+            preprocess=False,
+            cancels=image_running,
+            api_visibility="private",
+            **model,
+        )
+        image_stop_btn.click(stop, [image_state], None, cancels=image_running, **instant)
+        image_undo_btn.click(
+            image_undo, [image_state], [image_chatbot, *seen_outputs], cancels=image_running, **instant
+        )
+        for clear in (image_clear_btn.click, image_chatbot.clear):
+            clear(image_clear, [image_state], [image_chatbot, *seen_outputs], cancels=image_running, **instant)
+
+        gr.api(chat_api, api_name="chat", **model)
+        gr.api(describe_image_api, api_name="describe_image", **model)
+        gr.api(compare_api, api_name="compare", **model)
+
+    demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    return demo
+
+
+def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None, **kwargs: Any) -> Any:
+    """``demo.launch`` with the app's theme and upload limit (Gradio 6 takes the theme here, not in Blocks)."""
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        theme=gr.themes.Soft(primary_hue="indigo"),
+        max_file_size=MAX_FILE_SIZE,
+        **kwargs,
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        description="Serve the LLaMA-Adapter V2 demo. With no --base and no --adapter, the shipped demo model is "
+        "used, offline. Each flag has an environment variable, for Hugging Face Spaces.",
+    )
+    p.add_argument("--base", default=env("LLAMA_ADAPTER_BASE"), help="base model (env LLAMA_ADAPTER_BASE)")
+    p.add_argument("--adapter", default=env("LLAMA_ADAPTER_ADAPTER"), help="adapter (env LLAMA_ADAPTER_ADAPTER)")
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default=env("LLAMA_ADAPTER_QUANTIZE") or None,
+        help="store base weights in 8 bits (env LLAMA_ADAPTER_QUANTIZE)",
+    )
+    p.add_argument(
+        "--device", default=env("LLAMA_ADAPTER_DEVICE", "cpu"), help="cpu, cuda, … (env LLAMA_ADAPTER_DEVICE)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=env("LLAMA_ADAPTER_DTYPE") or None,
+        help="default: fp32 on CPU, bf16 on GPU (env LLAMA_ADAPTER_DTYPE)",
+    )
+    p.add_argument("--host", default=env("GRADIO_SERVER_NAME"), help="default 127.0.0.1 (env GRADIO_SERVER_NAME)")
+    p.add_argument(
+        "--port", type=int, default=int(env("GRADIO_SERVER_PORT") or 7860), help="default 7860 (env GRADIO_SERVER_PORT)"
+    )
+    p.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
+    args = p.parse_args(argv)
+    # argparse checks choices on the command line only, not on defaults taken from the environment.
+    for name, choices in (("quantize", QUANTIZE), ("dtype", DTYPES)):
+        if getattr(args, name) not in (None, *choices):
+            p.error(f"LLAMA_ADAPTER_{name.upper()} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info(
+        "Loading the model: base %s, adapter %s, on %s…", args.base or "default", args.adapter or "default", args.device
+    )
+    try:
+        pipe = llama_adapter.load(args.base, args.adapter, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    except LlamaAdapterError as e:
+        log.error("Could not load the model: %s", e)
+        return 2
+    log.info("Loaded in %.1f s: %s", pipe.info["load_seconds"], pipe.info)
+    launch(build_demo(pipe), host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,306 @@
+"""The Gradio app through its API, as gradio_client sees it: streamed chat, multi-turn history,
+describe_image with OCR, compare, plain error messages; its wiring, flags and ``python app.py``."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image, ImageDraw, ImageFont
+from test_image_chat import visual_pipeline
+
+import app
+from experts import Availability, Expert, Registry, default_registry
+from llama_adapter import CheckpointError, Pipeline
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
+SIGN_TEXT = "OPEN 24 HOURS"
+FAST = {"max_new_tokens": 16, "temperature": 0.0}
+
+
+class Flaky(Expert):
+    """A captioner that always fails, for the "an expert fails, the answer goes on" path."""
+
+    name, kind, label, context_label = "flaky", "caption", "Flaky captioner", "Caption (flaky)"
+
+    def availability(self) -> Availability:
+        return Availability(True)
+
+    def describe(self, image: Image.Image) -> str:
+        raise RuntimeError("the captioner crashed")
+
+
+@dataclass
+class Served:
+    url: str
+    demo: gr.Blocks
+    pipe: Pipeline
+    examples: Path
+    sign: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render_sign(path: Path, text: str = SIGN_TEXT) -> Path:
+    img = Image.new("RGB", (640, 200), "white")
+    ImageDraw.Draw(img).text((40, 60), text, font=ImageFont.truetype(FONT, 56), fill="black")
+    img.save(path)
+    return path
+
+
+def example_dir(workdir: Path) -> Path:
+    """The shipped examples, else the generated demo data's, else two rendered here."""
+    for directory in (app.EXAMPLES_DIR, ROOT / "data" / "demo" / "examples"):
+        if (directory / "examples.json").is_file():
+            return directory
+    directory = workdir / "examples"
+    directory.mkdir()
+    render_sign(directory / "open_sign.png")
+    shape = Image.new("RGB", (128, 128), "white")
+    ImageDraw.Draw(shape).ellipse((24, 24, 104, 104), fill="red")
+    shape.save(directory / "circle.png")
+    items = [
+        {"image": "open_sign.png", "question": "What does the sign say?", "answer": SIGN_TEXT},
+        {"image": "circle.png", "question": "What shape is in the image?", "answer": "circle"},
+    ]
+    (directory / "examples.json").write_text(json.dumps(items))
+    return directory
+
+
+@functools.cache
+def serve() -> Served:
+    """One app per test process on 127.0.0.1, shared with the browser tests."""
+    workdir = Path(tempfile.mkdtemp(prefix="app-test-"))
+    pipe = visual_pipeline()
+    registry = Registry([*default_registry(), Flaky()])
+    examples = example_dir(workdir)
+    demo = app.build_demo(pipe, registry=registry, examples_dir=examples)
+    port = free_port()
+    app.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    atexit.register(demo.close)
+    return Served(f"http://127.0.0.1:{port}/", demo, pipe, examples, render_sign(workdir / "sign.png"))
+
+
+@pytest.fixture(scope="module")
+def served() -> Served:
+    return serve()
+
+
+@pytest.fixture(scope="module")
+def client(served: Served) -> Client:
+    return Client(served.url, verbose=False)
+
+
+# -- the API ---------------------------------------------------------------------------------------------
+
+
+def test_the_api_has_three_named_endpoints(client):
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(endpoints) == {"/chat", "/describe_image", "/compare"}  # UI events are private
+    assert [p["parameter_name"] for p in endpoints["/describe_image"]["parameters"]][:3] == [
+        "image",
+        "instruction",
+        "experts",
+    ]
+
+
+def test_chat_streams_the_answer_in_several_pieces(client, served):
+    job = client.submit("Name three colours.", [], max_new_tokens=24, temperature=0.0, api_name="/chat")
+    answer = job.result(timeout=120)
+    outputs = job.outputs()
+    assert len(outputs) >= 3
+    assert all(later.startswith(earlier) for earlier, later in zip(outputs, outputs[1:]))
+    assert answer == outputs[-1] == served.pipe.generate("Name three colours.", max_new_tokens=24)
+
+
+def test_a_second_turn_sees_the_first(client, served):
+    said = "My name is Ada and my favourite colour is green."
+    first = client.predict(said, [], **FAST, api_name="/chat")
+    history = [{"role": "user", "content": said}, {"role": "assistant", "content": first}]
+    second = client.predict("What is my name?", history, **FAST, api_name="/chat")
+    alone = client.predict("What is my name?", [], **FAST, api_name="/chat")
+    conversation = [*history, {"role": "user", "content": "What is my name?"}]
+    assert second == served.pipe.generate(conversation, max_new_tokens=16)
+    assert second != alone
+
+
+def test_describe_image_with_ocr_returns_the_expert_text_and_an_answer(client, served):
+    result = client.predict(
+        handle_file(served.sign), "What does the sign say?", ["ocr"], **FAST, api_name="/describe_image"
+    )
+    [ocr] = result["experts"]
+    assert ocr["status"] == "ok" and " ".join(ocr["text"].split()) == SIGN_TEXT
+    assert result["answer"].strip() and result["image_to_model"]
+    assert "[Image context]" in result["prompt"] and "24 HOURS" in result["prompt"]
+
+
+def test_compare_returns_the_answers_without_and_with_experts(client, served):
+    question = "What does the sign say?"
+    result = client.predict(handle_file(served.sign), question, ["ocr"], **FAST, api_name="/compare")
+    without, with_ocr = result["variants"]
+    assert without["experts"] == [] and with_ocr["experts"] == ["ocr-easyocr"]
+    assert "24 HOURS" not in without["prompt"] and "24 HOURS" in with_ocr["prompt"]
+    assert without["seconds"] > 0 and with_ocr["seconds"] > 0
+    # Same answers as describe_image gives for each prompt (greedy, same seed).
+    for variant, experts in ((without, []), (with_ocr, ["ocr"])):
+        alone = client.predict(handle_file(served.sign), question, experts, **FAST, api_name="/describe_image")
+        assert variant["answer"] == alone["answer"] and variant["prompt"] == alone["prompt"]
+
+
+def test_a_failing_expert_is_reported_and_the_answer_goes_on(client, served):
+    result = client.predict(
+        handle_file(served.sign), "What does the sign say?", ["ocr", "flaky"], **FAST, api_name="/describe_image"
+    )
+    ocr, flaky = result["experts"]
+    assert ocr["status"] == "ok" and flaky["status"] == "failed" and "crashed" in flaky["reason"]
+    assert result["answer"].strip() and "24 HOURS" in result["prompt"] and "flaky" not in result["prompt"]
+
+
+@pytest.fixture(scope="module")
+def bad_images(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bad")
+    (d / "notes.png").write_text("these are notes, not a picture")
+    good = d / "good.png"
+    Image.new("RGB", (64, 64), "red").save(good)
+    (d / "truncated.png").write_bytes(good.read_bytes()[:60])
+    Image.new("L", (8000, 6000)).save(d / "huge.png")  # 48 Mpx: over the 40 Mpx limit, 50 kB on disk
+    return {p.stem: p for p in d.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "args", "message"),
+    [
+        ("/describe_image", ("notes", "What is it?", ["ocr"]), "not an image Pillow can read"),
+        ("/describe_image", ("truncated", "What is it?", []), "corrupt or truncated"),
+        ("/describe_image", ("huge", "What is it?", []), "the limit is 40,000,000"),
+        ("/describe_image", ("good", "   ", []), "message is empty"),
+        ("/describe_image", ("good", "What is it?", ["telepathy"]), "Unknown expert 'telepathy'"),
+        ("/compare", ("good", "What is it?", []), "at least one expert"),
+        ("/chat", ("word " * 9000, []), "Shorten it"),
+        ("/chat", ("", []), "message is empty"),
+    ],
+)
+def test_bad_input_gets_a_plain_message_and_the_app_goes_on(client, bad_images, endpoint, args, message):
+    args = tuple(handle_file(bad_images[a]) if isinstance(a, str) and a in bad_images else a for a in args)
+    with pytest.raises(AppError, match=message):
+        client.predict(*args, api_name=endpoint)
+    assert isinstance(client.predict("Say hi.", [], max_new_tokens=2, api_name="/chat"), str)  # still serving
+
+
+# -- wiring ----------------------------------------------------------------------------------------------
+
+
+def test_model_events_share_one_queue_slot_and_the_queue_is_bounded(served):
+    model_fns = {"chat_send", "chat_retry", "image_set", "image_ask", "image_compare"}
+    model_fns |= {"chat_api", "describe_image_api", "compare_api"}
+    fns = [fn for fn in served.demo.fns.values() if fn.name in model_fns]
+    assert {fn.name for fn in fns} == model_fns
+    assert all(fn.concurrency_id == "model" and fn.concurrency_limit == 1 for fn in fns)
+    instant = [fn for fn in served.demo.fns.values() if fn.name in ("stop", "chat_undo", "image_undo", "image_clear")]
+    assert instant and not any(fn.queue for fn in instant)  # Stop, Undo, Clear do not wait behind answers
+    assert served.demo._queue.max_size == app.QUEUE_SIZE
+
+
+def test_the_header_names_base_adapter_and_precision(served):
+    header = app.header_markdown(served.pipe)
+    info = served.pipe.info
+    assert info["base"] in header and Path(info["adapter"]).name in header
+    assert info["dtype"] in header and "sees images" in header
+
+
+def test_a_text_only_model_gets_a_polite_note_in_the_image_tab(smol):
+    demo = app.build_demo(smol, registry=Registry([Flaky()]), examples_dir=Path("/nonexistent"))
+    notes = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "text-only-note"]
+    assert len(notes) == 1 and "cannot see pictures" in notes[0].value
+    assert "text only" in app.header_markdown(smol)
+
+
+def test_examples_come_from_the_index_and_are_skipped_when_missing(tmp_path):
+    assert app.load_examples(tmp_path) == []
+    (tmp_path / "examples.json").write_text("{not json")
+    assert app.load_examples(tmp_path) == []
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "question": "What?"}, {"image": "missing.png", "question": "Where?"}]
+    (tmp_path / "examples.json").write_text(json.dumps(rows))
+    assert app.load_examples(tmp_path) == [[str(tmp_path / "a.png"), "What?"]]
+
+
+def test_flags_default_to_the_environment(monkeypatch):
+    for name in ("LLAMA_ADAPTER_BASE", "LLAMA_ADAPTER_ADAPTER", "LLAMA_ADAPTER_DTYPE", "GRADIO_SERVER_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LLAMA_ADAPTER_QUANTIZE", "int8")
+    monkeypatch.setenv("LLAMA_ADAPTER_DEVICE", "cuda")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
+    args = app.parse_args([])
+    assert (args.base, args.adapter, args.quantize, args.device, args.dtype) == (None, None, "int8", "cuda", None)
+    assert (args.host, args.port, args.share) == (None, 7861, False)
+    args = app.parse_args(["--device", "cpu", "--dtype", "bf16", "--host", "0.0.0.0", "--port", "9000", "--share"])
+    assert (args.device, args.dtype, args.host, args.port, args.share) == ("cpu", "bf16", "0.0.0.0", 9000, True)
+    for name, wrong in (("LLAMA_ADAPTER_QUANTIZE", "int4"), ("LLAMA_ADAPTER_DTYPE", "fp8")):
+        monkeypatch.setenv(name, wrong)
+        with pytest.raises(SystemExit):
+            app.parse_args([])
+        monkeypatch.delenv(name)
+
+
+def test_main_loads_once_and_launches(monkeypatch, served):
+    loads, launches = [], []
+    monkeypatch.setattr(app.llama_adapter, "load", lambda *a, **k: loads.append((a, k)) or served.pipe)
+    monkeypatch.setattr(app, "launch", lambda demo, **k: launches.append((demo, k)))
+    assert app.main(["--adapter", "mine.safetensors", "--quantize", "int8", "--port", "9001"]) == 0
+    assert loads == [((None, "mine.safetensors"), {"device": "cpu", "dtype": None, "quantize": "int8"})]
+    [(demo, kwargs)] = launches
+    assert isinstance(demo, gr.Blocks) and kwargs == {"host": None, "port": 9001, "share": False}
+
+
+def test_main_says_why_the_model_did_not_load(monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise CheckpointError("Adapter x.safetensors not found.")
+
+    monkeypatch.setattr(app.llama_adapter, "load", refuse)
+    assert app.main(["--adapter", "x.safetensors"]) == 2
+    assert "Adapter x.safetensors not found." in caplog.text
+
+
+def test_python_app_py_serves_the_default_model_offline(tmp_path):
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_PORT": str(port)}
+    log = (tmp_path / "app.log").open("w")
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert proc.poll() is None, (tmp_path / "app.log").read_text()
+        answer = Client(url, verbose=False).predict("Say hi.", [], max_new_tokens=4, api_name="/chat")
+        assert isinstance(answer, str) and answer
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
