@@ -11,3 +11,7 @@ class InputError(LlamaAdapterError, ValueError):
 
 class CheckpointError(LlamaAdapterError):
     """Weights that are missing, unreadable, of an unknown format, or that do not fit the model."""
+
+
+class GenerationError(LlamaAdapterError):
+    """The model failed part-way through an answer (out of memory, a device error, …)."""

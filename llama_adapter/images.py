@@ -25,7 +25,8 @@ def open_image(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
     """Open a path, raw bytes or PIL image as an upright RGB image, or raise :class:`InputError`.
 
     Handles EXIF rotation, palette, alpha (composited on white), 16-bit, CMYK and animated
-    images (first frame). The pixel limit is checked from the header, before decoding.
+    images (first frame). The pixel limit is checked from the header, before decoding; Pillow's
+    own decompression-bomb limit (about 89 Mpx) applies as well.
     """
     if isinstance(image, Image.Image):
         img = image
@@ -43,24 +44,35 @@ def open_image(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
         except InputError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise InputError(f"The image is too large to decode safely ({e}).") from e
+            raise InputError(
+                f"The image has too many pixels to decode safely ({e}). Resize it to at most "
+                f"{min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels):,} pixels and try again."
+            ) from e
         except UnidentifiedImageError as e:
             raise InputError("The file is not an image Pillow can read (PNG, JPEG, GIF, WebP, BMP, TIFF …).") from e
         except (OSError, SyntaxError, ValueError) as e:
             raise InputError(f"The image is corrupt or truncated: {e}") from e
-    if getattr(img, "n_frames", 1) > 1:
-        img.seek(0)
-    img = ImageOps.exif_transpose(img)
-    return _to_rgb(img)
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as e:  # a broken later frame, EXIF block or pixel mode
+        raise InputError(f"The image cannot be converted to RGB: {e}") from e
 
 
 def _read_bytes(image: str | os.PathLike | bytes) -> bytes:
     if isinstance(image, bytes):
         return image
+    if not isinstance(image, (str, os.PathLike)):
+        raise InputError(f"An image must be a file path, bytes or a PIL image; got {type(image).__name__}")
     path = Path(image)
-    if not path.is_file():
+    if not path.is_file():  # also keeps devices and pipes (/dev/zero, a FIFO) out
         raise InputError(f"Image file not found: {path}")
-    return path.read_bytes()
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise InputError(f"Cannot read the image file {path}: {e.strerror}") from e
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:

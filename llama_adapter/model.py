@@ -61,6 +61,29 @@ class AdapterLinear(nn.Module):
             self.lora_a.reset_parameters()
             nn.init.zeros_(self.lora_b.weight)
 
+    @classmethod
+    def fused(cls, parts: list[AdapterLinear]) -> AdapterLinear:
+        """One linear computing ``parts`` side by side (outputs concatenated), for inference: each
+        input scale is folded into its weight, ``W(x ⊙ s) = (W diag(s)) x``; biases are joined."""
+        if any(p.lora_a is not None for p in parts) or not all(isinstance(p.base, nn.Linear) for p in parts):
+            raise ValueError("only float linears without LoRA can be fused")
+        weights = [
+            (p.base.weight.float() * p.scale).to(p.base.weight.dtype) if p.scale is not None else p.base.weight
+            for p in parts
+        ]
+        with torch.device("meta"):
+            fused = cls(
+                parts[0].base.in_features, sum(w.shape[0] for w in weights), bias=False, scale=False, lora_rank=0
+            )
+        fused.base.weight = nn.Parameter(torch.cat(weights).detach(), requires_grad=False)
+        if any(p.bias is not None for p in parts):
+            biases = [
+                p.bias if p.bias is not None else torch.zeros(w.shape[0], device=w.device)
+                for p, w in zip(parts, weights)
+            ]
+            fused.bias = nn.Parameter(torch.cat(biases).detach().float(), requires_grad=False)
+        return fused
+
     def forward(self, x: torch.Tensor, use_lora: bool = True) -> torch.Tensor:
         h = x * self.scale.to(x.dtype) if self.scale is not None else x
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -177,6 +200,8 @@ class Attention(nn.Module):
         self.wk = linear("wk", cfg.dim, kv_out)
         self.wv = linear("wv", cfg.dim, kv_out)
         self.wo = linear("wo", q_out, cfg.dim)
+        self.split = (q_out, kv_out, kv_out)
+        self.wqkv: AdapterLinear | None = None  # wq, wk, wv in one matmul (inference; see fuse())
         self.gate = nn.Parameter(torch.empty(1, cfg.n_heads, 1, 1)) if gated else None
         self.new_gate = nn.Parameter(torch.empty(1, 1, 1, 1)) if gated and acfg.new_gate else None
         self.reset_adapter()
@@ -188,6 +213,16 @@ class Attention(nn.Module):
         if self.new_gate is not None:
             nn.init.ones_(self.new_gate)
 
+    def fuse(self) -> None:
+        """Replace wq, wk, wv by one fused linear (inference only: the adapter stops being trainable)."""
+        self.wqkv = AdapterLinear.fused([self.wq, self.wk, self.wv])
+        del self.wq, self.wk, self.wv
+
+    def qkv(self, x: torch.Tensor, use_lora: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.wqkv is not None:
+            return self.wqkv(x).split(self.split, dim=-1)
+        return self.wq(x, use_lora), self.wk(x, use_lora), self.wv(x, use_lora)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -198,9 +233,10 @@ class Attention(nn.Module):
         layer_id: int,
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), freqs).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), freqs).transpose(1, 2)
-        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x)
+        q = apply_rope(q.view(b, s, self.n_heads, self.head_dim), freqs).transpose(1, 2)
+        k = apply_rope(k.view(b, s, self.n_kv_heads, self.head_dim), freqs).transpose(1, 2)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer_id, k, v)
         out = F.scaled_dot_product_attention(
@@ -220,9 +256,9 @@ class Attention(nn.Module):
         kv = cache.prompt_kv[layer_id] if cache is not None else None
         if kv is None:
             b, p, _ = prompt.shape
-            prompt = prompt.to(q.dtype)
-            pk = self.wk(prompt, use_lora=False).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            pv = self.wv(prompt, use_lora=False).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            _, pk, pv = self.qkv(prompt.to(q.dtype), use_lora=False)
+            pk = pk.reshape(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            pv = pv.reshape(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
             repeat = self.n_heads // self.n_kv_heads
             kv = (pk.repeat_interleave(repeat, 1), pv.repeat_interleave(repeat, 1))
             if cache is not None:
@@ -246,8 +282,16 @@ class FeedForward(nn.Module):
         self.w1 = linear("w1", cfg.dim, cfg.hidden_dim)
         self.w2 = linear("w2", cfg.hidden_dim, cfg.dim)
         self.w3 = linear("w3", cfg.dim, cfg.hidden_dim)
+        self.w13: AdapterLinear | None = None  # w1 and w3 in one matmul (inference; see fuse())
+
+    def fuse(self) -> None:
+        self.w13 = AdapterLinear.fused([self.w1, self.w3])
+        del self.w1, self.w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -322,6 +366,7 @@ class LlamaAdapter(nn.Module):
             self.visual_proj = nn.Linear(vd, cfg.dim)
             self.visual_proj_norm = nn.LayerNorm(cfg.dim)
         self.image_encoder = image_encoder
+        self.fused = False
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
@@ -339,6 +384,20 @@ class LlamaAdapter(nn.Module):
                 for module in getattr(self, name).modules():
                     if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)):
                         module.reset_parameters()
+
+    def fuse(self) -> None:
+        """For inference: compute q, k, v in one matmul and w1, w3 in another, with the input
+        scales folded into the weights. Same outputs (up to float rounding), fewer and larger
+        matmuls. Skipped with LoRA (the adapter prompts' keys must not see it). Afterwards the
+        adapter tensors are merged, so the model is no longer trainable or savable as an adapter."""
+        if self.adapter_config.lora_rank:
+            return
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.attention.fuse()
+                layer.feed_forward.fuse()
+        self.requires_grad_(False)
+        self.fused = True
 
     def materialize(self, device: torch.device | str = "cpu") -> None:
         """After reading a base checkpoint into a model built on the meta device (``assign=True``):
@@ -528,6 +587,8 @@ def count_parameters(model: LlamaAdapter) -> dict[str, int]:
 
 def adapter_state_dict(model: LlamaAdapter) -> dict[str, torch.Tensor]:
     """Every adapter tensor (both groups), i.e. what an adapter file stores."""
+    if model.fused:
+        raise ValueError("This model was fused for inference; its adapter tensors are merged. Load it unfused.")
     return {n: p.detach() for n, p in model.named_parameters() if parameter_group(model, n) is not None}
 
 

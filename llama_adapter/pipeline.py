@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -16,11 +17,21 @@ import torch
 
 from .config import AdapterConfig, LlamaConfig
 from .encoders import build_image_encoder
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, GenerationError, InputError, LlamaAdapterError
 from .generate import Sampling, TextStream, decode_tokens
 from .images import DEFAULT_MAX_PIXELS, ImageInput, image_to_tensor, open_image
 from .model import KVCache, LlamaAdapter, adapter_state_dict, parameter_group
-from .prompts import Prompt, Template, as_messages, render, stop_strings, with_system
+from .prompts import (
+    Message,
+    Prompt,
+    Template,
+    as_messages,
+    prompt_chars,
+    render,
+    stop_strings,
+    validate_messages,
+    with_system,
+)
 from .quantize import quantize_model
 from .tokenizer import Tokenizer
 from .weights import AdapterWeights, BaseWeights, check_keys, load_adapter, load_base, read_adapter_metadata
@@ -30,6 +41,19 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_ADAPTER = ASSETS / "demo-adapter.safetensors"
 DEFAULT_BASE = "smollm2-135m"
+
+
+@dataclass
+class Limits:
+    """What one request may ask of a :class:`Pipeline`; beyond these it gets an :class:`InputError`
+    saying the limit. The model's context length bounds prompt and answer tokens on top of these."""
+
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    """Width × height of an image, checked from its header before decoding."""
+    max_prompt_chars: int = 50_000
+    """Characters of a prompt (every message and expert context), checked before tokenising."""
+    max_new_tokens: int | None = None
+    """Largest ``max_new_tokens`` a request may ask for; ``None``: only the context bounds it."""
 
 
 def plain_adapter_config() -> AdapterConfig:
@@ -52,6 +76,7 @@ def load(
     quantize: str | None = None,
     clip_weights: str | None = "openai",
     template: Template | None = None,
+    limits: Limits | None = None,
 ) -> Pipeline:
     """Load a base model and (optionally) an adapter; return a :class:`Pipeline`.
 
@@ -82,6 +107,7 @@ def load(
     if adapter_weights is not None and ours:
         _check_our_base(adapter_weights, base_weights)
     model = build_model(base_weights, adapter_weights, device=device, dtype=dtype, clip_weights=clip_weights)
+    model.fuse()
     if quantize:
         quantize_model(model, quantize)
     model.eval()
@@ -102,7 +128,9 @@ def load(
     }
     log.info("Loaded %s", info)
     system_prompt = adapter_weights.metadata.get("system_prompt") if adapter_weights is not None else None
-    return Pipeline(model, tokenizer, template=template, info=info, system_prompt=system_prompt)
+    return Pipeline(
+        model, tokenizer, template=template, info=info, system_prompt=system_prompt, limits=limits or Limits()
+    )
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -208,8 +236,19 @@ class Pipeline:
     tokenizer: Tokenizer
     template: Template = "chat"
     info: dict[str, Any] = field(default_factory=dict)
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
     system_prompt: str | None = None  # used when a conversation has no system message
+    limits: Limits = field(default_factory=Limits)
+    _running: int = field(default=0, init=False, repr=False, compare=False)
+    _running_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    @property
+    def max_image_pixels(self) -> int:
+        return self.limits.max_image_pixels
+
+    @property
+    def running(self) -> int:
+        """Generations under way now: started and neither finished, stopped, failed nor closed."""
+        return self._running
 
     @property
     def device(self) -> torch.device:
@@ -227,7 +266,23 @@ class Pipeline:
 
     def render(self, prompt: Prompt) -> str:
         """The exact text the model reads for ``prompt`` (a string or a list of messages)."""
-        return render(with_system(as_messages(prompt), self.system_prompt), self.template, self.tokenizer)
+        messages = with_system(as_messages(prompt), self.system_prompt)
+        self.check_length(messages)
+        return render(messages, self.template, self.tokenizer)
+
+    def _render_unlimited(self, messages: list[Message]) -> str:
+        """:meth:`render` without the length limit, for a conversation whose history is ours."""
+        return render(with_system(messages, self.system_prompt), self.template, self.tokenizer)
+
+    def check_length(self, messages: list[Message]) -> None:
+        """Refuse a conversation longer than ``limits.max_prompt_chars`` before it is tokenised."""
+        validate_messages(messages)
+        chars = prompt_chars(messages)
+        if chars > self.limits.max_prompt_chars:
+            raise InputError(
+                f"The prompt is {chars:,} characters; the limit is {self.limits.max_prompt_chars:,} (this model "
+                f"reads at most {self.context_length:,} tokens). Shorten it."
+            )
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, bos=self.template == "alpaca")
@@ -263,6 +318,9 @@ class Pipeline:
 
     def _sampling(self, kwargs: dict[str, Any]) -> Sampling:
         params = Sampling.from_kwargs(**kwargs)
+        cap = self.limits.max_new_tokens
+        if cap is not None and params.max_new_tokens > cap:
+            raise InputError(f"max_new_tokens is {params.max_new_tokens:,}; the limit here is {cap:,}.")
         extra = tuple(s for s in stop_strings(self.template) if s not in params.stop)
         return Sampling(**{**params.__dict__, "stop": params.stop + extra})
 
@@ -298,22 +356,44 @@ class Pipeline:
             visual = torch.cat([self.visual_prompt(img) for img in images])
         streams = [TextStream(self.tokenizer, params.stop) for _ in rows]
         finished = [False] * len(rows)
-        for tokens in decode_tokens(
+        tokens = decode_tokens(
             self.model, rows, params, self.tokenizer.stop_ids, visual_prompt=visual, pad_id=self.tokenizer.pad_id
-        ):
-            for i, t in enumerate(tokens):
-                if finished[i] or t is None:
-                    continue
-                if t in self.tokenizer.stop_ids:
-                    finished[i] = True
-                else:
-                    streams[i].push(t)
-                    finished[i] = streams[i].stopped
-            if all(finished):
-                break
-        for s in streams:
-            s.finish()
+        )
+        with self._generating(tokens):
+            for step in tokens:
+                for i, t in enumerate(step):
+                    if finished[i] or t is None:
+                        continue
+                    if t in self.tokenizer.stop_ids:
+                        finished[i] = True
+                    else:
+                        streams[i].push(t)
+                        finished[i] = streams[i].stopped
+                if all(finished):
+                    break
+            for s in streams:
+                s.finish()
         return [s.text for s in streams]
+
+    @contextmanager
+    def _generating(self, tokens: Iterator[Any]) -> Iterator[None]:
+        """Count a generation as running, close its decode loop however it ends, and turn a failure
+        of the model into a :class:`GenerationError` (the original stays as its ``__cause__``)."""
+        with self._running_lock:
+            self._running += 1
+        try:
+            yield
+        except LlamaAdapterError:
+            raise
+        except Exception as e:  # out of memory, a device error, a broken tokenizer: any of them ends the answer
+            log.exception("Generation failed")
+            raise GenerationError(
+                f"The model failed while writing the answer ({type(e).__name__}: {e}). Try again."
+            ) from e
+        finally:
+            tokens.close()
+            with self._running_lock:
+                self._running -= 1
 
     def _stream_ids(
         self,
@@ -335,7 +415,7 @@ class Pipeline:
             cancel=cancel,
             pad_id=self.tokenizer.pad_id,
         )
-        try:
+        with self._generating(tokens):
             for (token,) in tokens:
                 if token is None or token in self.tokenizer.stop_ids:
                     break
@@ -347,8 +427,6 @@ class Pipeline:
             tail = stream.finish()
             if tail:
                 yield tail
-        finally:
-            tokens.close()
 
     def chat(self, *, system: str | None = None, image: ImageInput | None = None) -> ChatSession:
         """A multi-turn conversation (optionally about one image) that keeps its KV cache."""
@@ -388,8 +466,11 @@ class ChatSession:
         self, text: str, *, context: str | None = None, cancel: threading.Event | None = None, **sampling: Any
     ) -> Iterator[str]:
         """Ask ``text`` (with optional expert ``context``) and yield the answer in pieces. The
-        answer, even a cancelled one, is kept in ``messages``."""
+        answer, even a cancelled one, is kept in ``messages``; if the model fails part-way
+        (:class:`GenerationError`), the question is taken back and the conversation is as before."""
         user = {"role": "user", "content": text, **({"context": context} if context else {})}
+        # Only the new message is limited: the history is ours, and is cut to fit the context below.
+        self.pipeline.check_length([m for m in self.messages if m["role"] == "system"] + [user])
         params = self.pipeline._sampling(sampling)
         ids = self._fit_turns(user, params)
         self.messages.append(user)
@@ -399,12 +480,20 @@ class ChatSession:
         self.last_prefill_tokens = len(ids) - reuse
         params = self.pipeline._fit(len(ids), params)
         stream = TextStream(self.pipeline.tokenizer, params.stop)
+        failed = False
         try:
             yield from self.pipeline._stream_ids(ids[reuse:], self.visual_prompt, params, self.cache, cancel, stream)
+        except GenerationError:
+            failed = True
+            # A step that failed half-way may have left some layers' keys and values in the cache.
+            self.messages.remove(user)
+            self.reset_cache()
+            raise
         finally:
-            self.messages.append({"role": "assistant", "content": stream.text})
-            # The cache holds the prompt and the answer tokens fed back so far.
-            self.cached_ids = (ids + stream.ids)[: self.cache.length]
+            if not failed:
+                self.messages.append({"role": "assistant", "content": stream.text})
+                # The cache holds the prompt and the answer tokens fed back so far.
+                self.cached_ids = (ids + stream.ids)[: self.cache.length]
 
     def ask(self, text: str, *, context: str | None = None, **sampling: Any) -> str:
         return "".join(self.stream(text, context=context, **sampling))
@@ -414,7 +503,7 @@ class ChatSession:
         counted in ``dropped_turns``) when it would not fit the context with room to answer."""
         budget = self.pipeline.context_length - min(params.max_new_tokens, self.pipeline.context_length // 4)
         while True:
-            ids = self.pipeline.encode(self.pipeline.render([*self.messages, user]))
+            ids = self.pipeline.encode(self.pipeline._render_unlimited([*self.messages, user]))
             turns = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
             if len(ids) <= budget or not turns:
                 return ids

@@ -7,6 +7,7 @@ may carry ``"context"``: text from image experts (caption, OCR). It goes into th
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Union
 
 from .errors import InputError
@@ -37,9 +38,23 @@ def format_alpaca(instruction: str, input: str | None = None) -> str:
     return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
 
 
+# C0/C1 control characters other than tab and newline, and lone surrogates: they mean nothing to
+# the model, and a lone surrogate cannot even be encoded to UTF-8 for the tokenizer.
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_LINE_BREAK = re.compile(r"\r\n?")
+
+
+def clean_text(text: str) -> str:
+    """``text`` as the model reads it: line breaks as ``\\n``, control characters and lone surrogates
+    dropped. Letters of every script, emoji and format characters (joiners, direction marks) stay."""
+    return _UNPRINTABLE.sub("", _LINE_BREAK.sub("\n", text))
+
+
 def as_messages(prompt: Prompt) -> list[Message]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, (list, tuple)):
+        raise InputError(f"The prompt must be text or a list of messages; got {type(prompt).__name__}")
     return list(prompt)
 
 
@@ -58,15 +73,30 @@ def validate_messages(messages: list[Message]) -> None:
             raise InputError(f"Each message needs a role of system, user or assistant; got {m!r:.80}")
         if not isinstance(m.get("content"), str):
             raise InputError(f"Message content must be text; got {type(m.get('content')).__name__}")
+        if m.get("context") is not None and not isinstance(m["context"], str):
+            raise InputError(f"Message context must be text; got {type(m['context']).__name__}")
     if messages[-1]["role"] != "user":
         raise InputError("The last message must be from the user.")
-    if not messages[-1]["content"].strip():
+    if not clean_text(messages[-1]["content"]).strip():
         raise InputError("The message is empty: type a question or instruction.")
+
+
+def prompt_chars(messages: list[Message]) -> int:
+    """Characters of a conversation's text (contents and expert contexts), template not counted."""
+    return sum(len(m["content"]) + len(m.get("context") or "") for m in messages)
 
 
 def render(messages: list[Message], template: Template, tokenizer: Tokenizer | None = None) -> str:
     """The exact text the model sees for a conversation, ending where the answer begins."""
     validate_messages(messages)
+    messages = [
+        {
+            **m,
+            "content": clean_text(m["content"]),
+            **({"context": clean_text(m["context"])} if m.get("context") else {}),
+        }
+        for m in messages
+    ]
     if template == "alpaca":
         return _render_alpaca(messages)
     if template == "chat":

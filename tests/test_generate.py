@@ -154,7 +154,7 @@ def test_int8_keeps_the_answer_and_the_adapter_precision():
         a, b = pipe.model(ids)[0], fp32.model(ids)[0]
     agreement = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     assert agreement >= 0.9
-    assert pipe.model.layers[0].attention.wq.base.weight_int8.dtype == torch.int8
+    assert pipe.model.layers[0].attention.wqkv.base.weight_int8.dtype == torch.int8
     assert pipe.model.norm.weight.dtype == torch.float32
 
 

@@ -8,7 +8,7 @@ from conftest import random_hf_model, write_hf_dir, write_meta_dir
 
 import llama_adapter
 from llama_adapter.config import AdapterConfig, LlamaConfig
-from llama_adapter.model import LlamaAdapter, count_parameters, parameter_groups, set_trainable
+from llama_adapter.model import LlamaAdapter, adapter_state_dict, count_parameters, parameter_groups, set_trainable
 from llama_adapter.pipeline import build_model, plain_adapter_config
 from llama_adapter.weights import load_base
 
@@ -177,6 +177,30 @@ def test_groups_are_disjoint_and_cover_every_adapter_tensor(wiring):
         assert "adapter_query.weight" in fine
     else:
         assert "adapter_query.weight" in pre and "layers.0.attention.wq.bias" in fine
+
+
+@pytest.mark.parametrize("lora", [0, 2])
+def test_fused_projections_compute_the_same(lora):
+    """Inference fusion (q/k/v and w1/w3 in one matmul each, scales folded) changes no output."""
+    torch.manual_seed(0)
+    model = LlamaAdapter(LlamaConfig.from_name("tiny"), fresh_adapter("tiny", lora_rank=lora)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() <= 1 or p.shape[-1] == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    ids = torch.randint(0, 320, (2, 11))
+    features = torch.randn(2, 49, 1280)
+    with torch.no_grad():
+        visual = model.encode_image(features=features)
+        expected = model(ids, visual_prompt=visual)
+        model.fuse()
+        got = model(ids, visual_prompt=visual)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert model.fused == (lora == 0)
+    assert (model.layers[0].attention.wqkv is None) == bool(lora)
+    if not lora:
+        with pytest.raises(ValueError, match="fused"):
+            adapter_state_dict(model)
 
 
 def test_plain_config_is_the_base_model(tiny_spm, tmp_path):

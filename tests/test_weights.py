@@ -172,7 +172,7 @@ def test_our_adapter_round_trip(tiny_spm, tmp_path):
     with torch.no_grad():
         expected = model(ids, visual_prompt=model.encode_image(features=features))
         got = pipe.model(ids, visual_prompt=pipe.model.encode_image(features=features))
-    assert torch.equal(expected, got)
+    assert torch.allclose(expected, got, atol=1e-5)  # the pipeline fuses projections: same up to rounding
 
 
 def test_our_adapter_on_the_wrong_base_is_refused(tiny_spm, tmp_path):
