@@ -144,6 +144,11 @@ class AdapterConfig:
       static adapter prompt of *every* adapter layer, and every layer carries a gate.
     * ``"paper"`` follows the paper's early fusion: the visual prompt goes only into the first
       ``visual_layers`` layers, static prompts only into the last ``adapter_layers``.
+
+    ``prompt_norm`` passes the prompts through the layer's ``attention_norm`` before its frozen
+    wk/wv, as token inputs are. The released code feeds them raw (``official`` keeps that); on
+    SmolLM2 raw prompts give keys ~7x and values ~24x larger than the tokens' in layer 0, and
+    training with early fusion diverged.
     """
 
     wiring: Wiring = "paper"
@@ -154,6 +159,7 @@ class AdapterConfig:
     scale: bool = True
     lora_rank: int = 0
     new_gate: bool = False
+    prompt_norm: bool = True
     image_encoder: str | None = "clip-vit-l-14"
     visual_dim: int = 768
     visual_depth: int = 8
@@ -185,6 +191,7 @@ class AdapterConfig:
             scale=False,
             lora_rank=lora_rank,
             new_gate=lora_rank > 0,
+            prompt_norm=False,
             image_encoder="clip-vit-l-14",
             channel_order="BGR",
         )

@@ -231,6 +231,7 @@ class Attention(nn.Module):
         prompt: torch.Tensor | None,
         cache: KVCache | None,
         layer_id: int,
+        prompt_norm: RMSNorm | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.qkv(x)
@@ -243,11 +244,16 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, enable_gqa=self.n_kv_heads != self.n_heads
         )
         if prompt is not None and self.gate is not None:
-            out = out + self._prompt_attention(q, prompt, cache, layer_id)
+            out = out + self._prompt_attention(q, prompt, cache, layer_id, prompt_norm)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
     def _prompt_attention(
-        self, q: torch.Tensor, prompt: torch.Tensor, cache: KVCache | None, layer_id: int
+        self,
+        q: torch.Tensor,
+        prompt: torch.Tensor,
+        cache: KVCache | None,
+        layer_id: int,
+        prompt_norm: RMSNorm | None,
     ) -> torch.Tensor:
         """Attention over the adapter prompt, its own softmax, scaled per head by tanh(gate).
 
@@ -256,7 +262,10 @@ class Attention(nn.Module):
         kv = cache.prompt_kv[layer_id] if cache is not None else None
         if kv is None:
             b, p, _ = prompt.shape
-            _, pk, pv = self.qkv(prompt.to(q.dtype), use_lora=False)
+            prompt = prompt.to(q.dtype)
+            if prompt_norm is not None:
+                prompt = prompt_norm(prompt)
+            _, pk, pv = self.qkv(prompt, use_lora=False)
             pk = pk.reshape(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
             pv = pv.reshape(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
             repeat = self.n_heads // self.n_kv_heads
@@ -302,9 +311,11 @@ class Block(nn.Module):
         self.attention = Attention(cfg, acfg, gated)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg, acfg)
+        self.prompt_norm = acfg.prompt_norm
 
     def forward(self, x, freqs, mask, prompt, cache, layer_id) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs, mask, prompt, cache, layer_id)
+        prompt_norm = self.attention_norm if self.prompt_norm else None
+        h = x + self.attention(self.attention_norm(x), freqs, mask, prompt, cache, layer_id, prompt_norm)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
