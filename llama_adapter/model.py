@@ -81,7 +81,8 @@ class AdapterLinear(nn.Module):
                 p.bias if p.bias is not None else torch.zeros(w.shape[0], device=w.device)
                 for p, w in zip(parts, weights)
             ]
-            fused.bias = nn.Parameter(torch.cat(biases).detach().float(), requires_grad=False)
+            # Stored in the compute dtype: no cast per call (the int8 path computes in float32).
+            fused.bias = nn.Parameter(torch.cat(biases).detach().to(weights[0].dtype), requires_grad=False)
         return fused
 
     def forward(self, x: torch.Tensor, use_lora: bool = True) -> torch.Tensor:
@@ -136,6 +137,7 @@ class KVCache:
         self.length = 0
         self.padded = False  # whether any cached position is left padding
         self.prompt_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self.prompts_ready = False  # prompt_kv is complete: later steps skip building the prompts
 
     @property
     def capacity(self) -> int:
@@ -243,36 +245,42 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, enable_gqa=self.n_kv_heads != self.n_heads
         )
-        if prompt is not None and self.gate is not None:
-            out = out + self._prompt_attention(q, prompt, cache, layer_id, prompt_norm)
+        if self.gate is not None:
+            kv = self._prompt_kv(prompt, cache, layer_id, prompt_norm, q.dtype)
+            if kv is not None:
+                out = out + self._prompt_attention(q, *kv)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
-    def _prompt_attention(
+    def _prompt_kv(
         self,
-        q: torch.Tensor,
-        prompt: torch.Tensor,
+        prompt: torch.Tensor | None,
         cache: KVCache | None,
         layer_id: int,
         prompt_norm: RMSNorm | None,
-    ) -> torch.Tensor:
-        """Attention over the adapter prompt, its own softmax, scaled per head by tanh(gate).
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values of this layer's adapter prompt (from the cache once computed).
 
-        Prompt keys/values use the frozen wk/wv (with bias/scale, without LoRA) and no RoPE.
-        """
-        kv = cache.prompt_kv[layer_id] if cache is not None else None
-        if kv is None:
-            b, p, _ = prompt.shape
-            prompt = prompt.to(q.dtype)
-            if prompt_norm is not None:
-                prompt = prompt_norm(prompt)
-            _, pk, pv = self.qkv(prompt, use_lora=False)
-            pk = pk.reshape(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            pv = pv.reshape(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            repeat = self.n_heads // self.n_kv_heads
-            kv = (pk.repeat_interleave(repeat, 1), pv.repeat_interleave(repeat, 1))
-            if cache is not None:
-                cache.prompt_kv[layer_id] = kv
-        pk, pv = kv
+        They come from the frozen wk/wv (with bias/scale, without LoRA), with no RoPE."""
+        if cache is not None and cache.prompt_kv[layer_id] is not None:
+            return cache.prompt_kv[layer_id]
+        if prompt is None:
+            return None
+        b, p, _ = prompt.shape
+        prompt = prompt.to(dtype)
+        if prompt_norm is not None:
+            prompt = prompt_norm(prompt)
+        _, pk, pv = self.qkv(prompt, use_lora=False)
+        pk = pk.reshape(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        pv = pv.reshape(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        repeat = self.n_heads // self.n_kv_heads
+        kv = (pk.repeat_interleave(repeat, 1), pv.repeat_interleave(repeat, 1))
+        if cache is not None:
+            cache.prompt_kv[layer_id] = kv
+        return kv
+
+    def _prompt_attention(self, q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
+        """Attention over the adapter prompt, with its own softmax, scaled per head by tanh(gate)."""
         scores = (q @ pk.transpose(-1, -2)) / math.sqrt(self.head_dim)
         gate = self.gate.tanh()
         if self.new_gate is not None:
@@ -399,14 +407,19 @@ class LlamaAdapter(nn.Module):
     def fuse(self) -> None:
         """For inference: compute q, k, v in one matmul and w1, w3 in another, with the input
         scales folded into the weights. Same outputs (up to float rounding), fewer and larger
-        matmuls. Skipped with LoRA (the adapter prompts' keys must not see it). Afterwards the
-        adapter tensors are merged, so the model is no longer trainable or savable as an adapter."""
+        matmuls. Biases and norms move to the base's dtype. Skipped with LoRA (the adapter prompts'
+        keys must not see it). Afterwards the adapter tensors are merged, so the model is no longer
+        trainable or savable as an adapter."""
         if self.adapter_config.lora_rank:
             return
+        dtype = self.tok_embeddings.weight.dtype
         with torch.no_grad():
             for layer in self.layers:
                 layer.attention.fuse()
                 layer.feed_forward.fuse()
+                for norm in (layer.attention_norm, layer.ffn_norm):
+                    norm.weight.data = norm.weight.data.to(dtype)  # no cast per call in half precision
+            self.norm.weight.data = self.norm.weight.data.to(dtype)
         self.requires_grad_(False)
         self.fused = True
 
@@ -482,13 +495,17 @@ class LlamaAdapter(nn.Module):
             visual_prompt = self.encode_image(images)
         positions, mask = self._positions_and_mask(input_ids, attention_mask, cache)
         freqs = self.rope[positions]
-        prompts = self.layer_prompts(visual_prompt, b)
+        if cache is not None and cache.prompts_ready:
+            prompts: list[torch.Tensor | None] = [None] * self.config.n_layers  # their keys/values are cached
+        else:
+            prompts = self.layer_prompts(visual_prompt, b)
 
         h = self.tok_embeddings(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, mask, prompts[i], cache, i)
         if cache is not None:
             cache.advance(s)
+            cache.prompts_ready = True
         if last_only:
             h = h[:, -1:]
         elif logits_at is not None:
