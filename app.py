@@ -31,13 +31,16 @@ from gradio import FileData  # noqa: E402
 
 import llama_adapter  # noqa: E402
 from experts import ExpertReport, ImageChat, Registry, compare, default_registry, describe  # noqa: E402
-from llama_adapter import ChatSession, InputError, LlamaAdapterError, Pipeline  # noqa: E402
+from llama_adapter import ChatSession, LlamaAdapterError, Pipeline  # noqa: E402
+from llama_adapter.pipeline import Limits  # noqa: E402
 
 log = logging.getLogger("app")
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 QUEUE_SIZE = 32
 """Waiting requests beyond this are turned away at once rather than left to wait for many minutes."""
+MAX_NEW_TOKENS = 1024
+"""Longest answer a request may ask for (the sliders' maximum)."""
 MAX_MESSAGE_CHARS = 8000
 """Typing limit of the text boxes; the library still refuses a prompt longer than the model's context."""
 MAX_FILE_SIZE = "25mb"
@@ -100,7 +103,7 @@ class Conversation:
 # -- presentation -----------------------------------------------------------------------------------------
 
 
-def header_markdown(pipe: Pipeline) -> str:
+def header_markdown(pipe: Pipeline, queue_size: int = QUEUE_SIZE) -> str:
     info = pipe.info
     adapter = Path(info["adapter"]).name if info.get("adapter") else "none (plain base model)"
     precision = info["dtype"] + (f", {info['quantize']} weights" if info.get("quantize") else "")
@@ -110,7 +113,7 @@ def header_markdown(pipe: Pipeline) -> str:
         f"**Base** `{info['base']}` · **adapter** `{adapter}` · **precision** {precision} on `{info['device']}` "
         f"· {sight}\n\n"
         "A parameter-efficient visual instruction model. One answer is generated at a time; others wait "
-        f"in a queue of up to {QUEUE_SIZE}."
+        f"in a queue of up to {queue_size}."
     )
 
 
@@ -150,25 +153,51 @@ def plain(error: Exception) -> str:
     return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
 
 
-def sampling(temperature: float, top_p: float, max_new_tokens: float, seed: float | None) -> dict[str, Any]:
+def sampling(temperature: Any, top_p: Any, max_new_tokens: Any, seed: Any) -> dict[str, Any]:
+    """Sampling settings from UI or API values; one that is not a number gets a plain error (the
+    library checks the ranges)."""
+
+    def number(name: str, value: Any, kind: type) -> Any:
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError
+            return kind(float(value)) if kind is int else kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise gr.Error(f"{name} must be a number (got {value!r:.40})", print_exception=False) from None
+
+    seed = None if seed is None else number("seed", seed, int)
     return {
-        "temperature": float(temperature),
-        "top_p": float(top_p),
-        "max_new_tokens": int(max_new_tokens),
-        "seed": None if seed is None or seed < 0 else int(seed),
+        "temperature": number("temperature", temperature, float),
+        "top_p": number("top_p", top_p, float),
+        "max_new_tokens": number("max_new_tokens", max_new_tokens, int),
+        "seed": None if seed is None or seed < 0 else seed,
     }
 
 
-def upload_path(image: FileData | dict | None) -> str | None:
+def upload_path(image: FileData | dict | None, allowed: Sequence[Path] = ()) -> str | None:
     """The server-side path of an uploaded image: Gradio hands it over unprocessed (``preprocess=False``)
-    so that a corrupt or huge file reaches ``open_image`` and gets a plain answer instead of a crash."""
+    so that a corrupt or huge file reaches ``open_image`` and gets a plain answer instead of a crash.
+
+    Only files in Gradio's upload folder or in ``allowed`` folders (the examples) are read: a client
+    could otherwise name any path on the server, e.g. ``{"path": "/etc/passwd"}``."""
     if image is None:
         return None
     if isinstance(image, FileData):
-        return image.path
-    if isinstance(image, dict) and image.get("path"):
-        return image["path"]
-    raise gr.Error("Send the image as a file, e.g. gradio_client.handle_file('photo.jpg').")
+        path = image.path
+    elif isinstance(image, dict) and isinstance(image.get("path"), str) and image["path"]:
+        path = image["path"]
+    else:
+        raise gr.Error("Send the image as a file, e.g. gradio_client.handle_file('photo.jpg').", print_exception=False)
+    resolved = Path(path).resolve()
+    roots = [Path(gr.utils.get_upload_folder()).resolve(), *(Path(a).resolve() for a in allowed)]
+    if not any(resolved.is_relative_to(root) for root in roots):
+        log.warning("Refused an image path outside the upload folder: %r", path)
+        raise gr.Error(
+            "The image must be uploaded with the request (e.g. gradio_client.handle_file('photo.jpg')); "
+            "paths on the server are not accepted.",
+            print_exception=False,
+        )
+    return path
 
 
 def load_examples(directory: Path) -> list[list[str]]:
@@ -197,13 +226,17 @@ def expert_choices(registry: Registry) -> list[tuple[str, str]]:
     return choices
 
 
-def sampling_controls(tab: str, temperature: float, top_p: float, max_new_tokens: int, seed: int) -> list[gr.Component]:
+def sampling_controls(
+    tab: str, temperature: float, top_p: float, max_new_tokens: int, seed: int, most: int = MAX_NEW_TOKENS
+) -> list[gr.Component]:
     with gr.Accordion("Sampling", open=False, elem_id=f"{tab}-sampling"):
         with gr.Row():
             t = gr.Slider(0.0, 1.5, value=temperature, step=0.05, label="Temperature", info="0 = greedy")
             p = gr.Slider(0.05, 1.0, value=top_p, step=0.05, label="Top-p")
         with gr.Row():
-            n = gr.Slider(1, 1024, value=max_new_tokens, step=1, label="Max new tokens", elem_id=f"{tab}-max-tokens")
+            n = gr.Slider(
+                1, most, value=min(max_new_tokens, most), step=1, label="Max new tokens", elem_id=f"{tab}-max-tokens"
+            )
             s = gr.Number(value=seed, precision=0, minimum=-1, label="Seed", info="-1 = random")
     return [t, p, n, s]
 
@@ -211,12 +244,21 @@ def sampling_controls(tab: str, temperature: float, top_p: float, max_new_tokens
 # -- the app ----------------------------------------------------------------------------------------------
 
 
-def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir: Path = EXAMPLES_DIR) -> gr.Blocks:
-    """The whole app around one loaded pipeline; ``registry`` chooses the experts (default: all installed)."""
+def build_demo(
+    pipe: Pipeline,
+    *,
+    registry: Registry | None = None,
+    examples_dir: Path = EXAMPLES_DIR,
+    queue_size: int = QUEUE_SIZE,
+) -> gr.Blocks:
+    """The whole app around one loaded pipeline; ``registry`` chooses the experts (default: all installed).
+    The pipeline's ``limits`` are the app's; ``queue_size`` requests may wait, more are turned away."""
     registry = registry or default_registry()
     image_examples = load_examples(examples_dir)
     if image_examples:
         gr.set_static_paths([examples_dir])
+    examples = [examples_dir] if image_examples else []
+    most_tokens = pipe.limits.max_new_tokens or MAX_NEW_TOKENS
     model = {"concurrency_id": "model", "concurrency_limit": 1}  # one generation at a time, every tab and API
     instant = {"queue": False, "api_visibility": "private"}
 
@@ -235,7 +277,7 @@ def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir
                 for piece in pieces:
                     answer += piece
                     yield [*before, asked, {"role": "assistant", "content": answer}], ""
-            except (InputError, KeyError) as e:
+            except (LlamaAdapterError, KeyError) as e:
                 gr.Warning(plain(e))
                 yield display(conv.session.messages), question
                 return
@@ -311,7 +353,7 @@ def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir
 
     def image_set(image: FileData | dict | None, conv: Conversation | None) -> tuple[Any, ...]:
         conv = conv or new_image_chat()
-        path = upload_path(image)
+        path = upload_path(image, examples)
         if path is not None and path == conv.upload:
             # Gradio's image fires a second change when a bad file replaces a good one: one warning is enough.
             return (gr.skip(),) * 5
@@ -320,7 +362,7 @@ def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir
         with conv.paused():
             try:
                 conv.session.set_image(path)
-            except InputError as e:
+            except LlamaAdapterError as e:
                 gr.Warning(plain(e))
                 conv.session.set_image(None)
                 rejected = True
@@ -384,7 +426,7 @@ def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir
         progress(0, desc="Running the experts, then answering twice…")
         try:
             result = compare(pipe, question, image, [chosen], registry=registry, **params)
-        except (InputError, KeyError) as e:
+        except (LlamaAdapterError, KeyError) as e:
             gr.Warning(plain(e))
             return unchanged
         skipped_warnings(result.experts)
@@ -402,7 +444,7 @@ def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir
         message: str,
         history: list[dict],
         system: str = "",
-        max_new_tokens: int = 256,
+        max_new_tokens: int = min(256, most_tokens),
         temperature: float = 0.7,
         top_p: float = 0.9,
         seed: int | None = None,
@@ -415,7 +457,7 @@ def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir
             for piece in pipe.stream(messages, **sampling(temperature, top_p, max_new_tokens, seed)):
                 answer = (answer or "") + piece
                 yield answer
-        except InputError as e:
+        except LlamaAdapterError as e:
             raise gr.Error(plain(e), print_exception=False) from e
         if answer is None:
             yield ""
@@ -425,7 +467,7 @@ def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir
         image: FileData,
         instruction: str,
         experts: list[str] | None = None,
-        max_new_tokens: int = 128,
+        max_new_tokens: int = min(128, most_tokens),
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = 0,
@@ -435,13 +477,13 @@ def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir
         try:
             result = describe(
                 pipe,
-                upload_path(image),
+                upload_path(image, examples),
                 instruction,
                 experts or (),
                 registry=registry,
                 **sampling(temperature, top_p, max_new_tokens, seed),
             )
-        except (InputError, KeyError) as e:
+        except (LlamaAdapterError, KeyError) as e:
             raise gr.Error(plain(e), print_exception=False) from e
         return result.to_dict()
 
@@ -450,7 +492,7 @@ def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir
         image: FileData,
         instruction: str,
         experts: list[str],
-        max_new_tokens: int = 128,
+        max_new_tokens: int = min(128, most_tokens),
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
@@ -462,15 +504,15 @@ def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir
         params = sampling(temperature, top_p, max_new_tokens, seed)
         params["seed"] = 0 if params["seed"] is None else params["seed"]  # both answers need the same seed
         try:
-            result = compare(pipe, instruction, upload_path(image), [experts], registry=registry, **params)
-        except (InputError, KeyError) as e:
+            result = compare(pipe, instruction, upload_path(image, examples), [experts], registry=registry, **params)
+        except (LlamaAdapterError, KeyError) as e:
             raise gr.Error(plain(e), print_exception=False) from e
         return result.to_dict()
 
     # -- layout and wiring --
 
     with gr.Blocks(title="LLaMA-Adapter V2") as demo:
-        gr.Markdown(header_markdown(pipe), elem_id="header")
+        gr.Markdown(header_markdown(pipe, queue_size), elem_id="header")
 
         with gr.Tab("Chat", id="chat"):
             chat_state = gr.State(None)
@@ -505,7 +547,9 @@ def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir
                     lines=2,
                     max_length=MAX_MESSAGE_CHARS,
                 )
-            chat_sampling = sampling_controls("chat", temperature=0.7, top_p=0.9, max_new_tokens=256, seed=-1)
+            chat_sampling = sampling_controls(
+                "chat", temperature=0.7, top_p=0.9, max_new_tokens=256, seed=-1, most=most_tokens
+            )
             gr.Examples(CHAT_EXAMPLES, inputs=[chat_box], label="Try")
 
         with gr.Tab("Image", id="image"):
@@ -564,7 +608,9 @@ def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir
                         image_stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="image-stop")
                         image_undo_btn = gr.Button("Undo", size="sm", elem_id="image-undo")
                         image_clear_btn = gr.Button("Clear", size="sm", elem_id="image-clear")
-                    image_sampling = sampling_controls("image", temperature=0.0, top_p=1.0, max_new_tokens=128, seed=0)
+                    image_sampling = sampling_controls(
+                        "image", temperature=0.0, top_p=1.0, max_new_tokens=128, seed=0, most=most_tokens
+                    )
             with gr.Accordion("What the model saw", open=True):
                 with gr.Row():
                     seen_experts = gr.Markdown(NOTHING_SEEN, elem_id="seen-experts")
@@ -653,7 +699,7 @@ def build_demo(pipe: Pipeline, *, registry: Registry | None = None, examples_dir
         gr.api(describe_image_api, api_name="describe_image", **model)
         gr.api(compare_api, api_name="compare", **model)
 
-    demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    demo.queue(default_concurrency_limit=1, max_size=queue_size)
     return demo
 
 
@@ -696,6 +742,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--port", type=int, default=int(env("GRADIO_SERVER_PORT") or 7860), help="default 7860 (env GRADIO_SERVER_PORT)"
     )
     p.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
+    limits = p.add_argument_group("limits", "what a request may ask, and how many may wait: beyond, a plain refusal")
+    for flag, default, text in (
+        ("max-image-pixels", Limits.max_image_pixels, "width × height of an image"),
+        ("max-prompt-chars", Limits.max_prompt_chars, "characters of a prompt with its history"),
+        ("max-new-tokens", MAX_NEW_TOKENS, "length of an answer, in tokens"),
+        ("queue-size", QUEUE_SIZE, "requests that may wait; more are turned away at once"),
+    ):
+        name = "LLAMA_ADAPTER_" + flag.upper().replace("-", "_")
+        # argparse converts (and checks) a string default with ``type`` as if it came from the command line.
+        limits.add_argument(
+            f"--{flag}",
+            type=_positive,
+            default=env(name, str(default)),
+            help=f"{text}; default {default:,} (env {name})",
+        )
     args = p.parse_args(argv)
     # argparse checks choices on the command line only, not on defaults taken from the environment.
     for name, choices in (("quantize", QUANTIZE), ("dtype", DTYPES)):
@@ -704,19 +765,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info(
         "Loading the model: base %s, adapter %s, on %s…", args.base or "default", args.adapter or "default", args.device
     )
+    limits = Limits(args.max_image_pixels, args.max_prompt_chars, args.max_new_tokens)
     try:
-        pipe = llama_adapter.load(args.base, args.adapter, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        pipe = llama_adapter.load(
+            args.base, args.adapter, device=args.device, dtype=args.dtype, quantize=args.quantize, limits=limits
+        )
     except LlamaAdapterError as e:
         log.error("Could not load the model: %s", e)
         return 2
-    log.info("Loaded in %.1f s: %s", pipe.info["load_seconds"], pipe.info)
-    launch(build_demo(pipe), host=args.host, port=args.port, share=args.share)
+    log.info("Loaded in %.1f s: %s; %s, queue of %d", pipe.info["load_seconds"], pipe.info, limits, args.queue_size)
+    launch(build_demo(pipe, queue_size=args.queue_size), host=args.host, port=args.port, share=args.share)
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from PIL import Image
 
-from llama_adapter.errors import InputError
+from llama_adapter.errors import GenerationError, InputError
 from llama_adapter.images import ImageInput, open_image
 from llama_adapter.prompts import Message, validate_messages
 
@@ -148,6 +148,9 @@ class ImageChat:
             for piece in pieces:
                 self._record_prompt()
                 yield piece
+        except GenerationError:
+            self.last_prompt = self.last_report = None  # the session took the question back
+            raise
         finally:
             # Closed early (a stop), the session must still write the partial answer into the history.
             pieces.close()

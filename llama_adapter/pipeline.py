@@ -317,8 +317,10 @@ class Pipeline:
         return params
 
     def _sampling(self, kwargs: dict[str, Any]) -> Sampling:
-        params = Sampling.from_kwargs(**kwargs)
         cap = self.limits.max_new_tokens
+        if cap is not None and kwargs.get("max_new_tokens") is None:  # the default answer length fits the cap
+            kwargs = {**kwargs, "max_new_tokens": min(Sampling.max_new_tokens, cap)}
+        params = Sampling.from_kwargs(**kwargs)
         if cap is not None and params.max_new_tokens > cap:
             raise InputError(f"max_new_tokens is {params.max_new_tokens:,}; the limit here is {cap:,}.")
         extra = tuple(s for s in stop_strings(self.template) if s not in params.stop)
@@ -472,13 +474,18 @@ class ChatSession:
         # Only the new message is limited: the history is ours, and is cut to fit the context below.
         self.pipeline.check_length([m for m in self.messages if m["role"] == "system"] + [user])
         params = self.pipeline._sampling(sampling)
-        ids = self._fit_turns(user, params)
+        ids, kept, dropped = self._fit_turns(user, params)
+        # A question too long for the context even alone is refused here, with the history untouched.
+        params = self.pipeline._fit(len(ids), params)
+        if dropped:
+            self.messages[:] = kept
+            self.dropped_turns += dropped
+            log.info("Chat longer than the context: dropped the %d oldest turn(s)", dropped)
         self.messages.append(user)
         reuse = _common_prefix(self.cached_ids, ids)
         reuse = min(reuse, len(ids) - 1, self.cache.length)
         self.cache.truncate(reuse)
         self.last_prefill_tokens = len(ids) - reuse
-        params = self.pipeline._fit(len(ids), params)
         stream = TextStream(self.pipeline.tokenizer, params.stop)
         failed = False
         try:
@@ -486,7 +493,7 @@ class ChatSession:
         except GenerationError:
             failed = True
             # A step that failed half-way may have left some layers' keys and values in the cache.
-            self.messages.remove(user)
+            self.messages[:] = [m for m in self.messages if m is not user]
             self.reset_cache()
             raise
         finally:
@@ -498,20 +505,20 @@ class ChatSession:
     def ask(self, text: str, *, context: str | None = None, **sampling: Any) -> str:
         return "".join(self.stream(text, context=context, **sampling))
 
-    def _fit_turns(self, user: dict[str, str], params: Sampling) -> list[int]:
-        """Token ids of the conversation plus ``user``; the oldest turns are dropped (and
-        counted in ``dropped_turns``) when it would not fit the context with room to answer."""
+    def _fit_turns(self, user: dict[str, str], params: Sampling) -> tuple[list[int], list[Message], int]:
+        """Token ids of the conversation plus ``user``, the messages they hold, and how many of the
+        oldest turns were left out so that it fits the context with room to answer."""
         budget = self.pipeline.context_length - min(params.max_new_tokens, self.pipeline.context_length // 4)
+        kept, dropped = list(self.messages), 0
         while True:
-            ids = self.pipeline.encode(self.pipeline._render_unlimited([*self.messages, user]))
-            turns = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+            ids = self.pipeline.encode(self.pipeline._render_unlimited([*kept, user]))
+            turns = [i for i, m in enumerate(kept) if m["role"] == "user"]
             if len(ids) <= budget or not turns:
-                return ids
+                return ids, kept, dropped
             first = turns[0]
-            end = turns[1] if len(turns) > 1 else len(self.messages)
-            del self.messages[first:end]
-            self.dropped_turns += 1
-            log.info("Chat longer than the context: dropped the oldest turn")
+            end = turns[1] if len(turns) > 1 else len(kept)
+            del kept[first:end]
+            dropped += 1
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

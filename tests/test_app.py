@@ -26,6 +26,7 @@ from test_image_chat import visual_pipeline
 import app
 from experts import Availability, Expert, Registry, default_registry
 from llama_adapter import CheckpointError, Pipeline
+from llama_adapter.pipeline import Limits
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +55,7 @@ class Served:
     pipe: Pipeline
     examples: Path
     sign: Path
+    registry: Registry
 
 
 def free_port() -> int:
@@ -99,7 +101,7 @@ def serve() -> Served:
     port = free_port()
     app.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
     atexit.register(demo.close)
-    return Served(f"http://127.0.0.1:{port}/", demo, pipe, examples, render_sign(workdir / "sign.png"))
+    return Served(f"http://127.0.0.1:{port}/", demo, pipe, examples, render_sign(workdir / "sign.png"), registry)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +271,10 @@ def test_main_loads_once_and_launches(monkeypatch, served):
     monkeypatch.setattr(app.llama_adapter, "load", lambda *a, **k: loads.append((a, k)) or served.pipe)
     monkeypatch.setattr(app, "launch", lambda demo, **k: launches.append((demo, k)))
     assert app.main(["--adapter", "mine.safetensors", "--quantize", "int8", "--port", "9001"]) == 0
-    assert loads == [((None, "mine.safetensors"), {"device": "cpu", "dtype": None, "quantize": "int8"})]
+    limits = Limits(max_new_tokens=app.MAX_NEW_TOKENS)
+    assert loads == [
+        ((None, "mine.safetensors"), {"device": "cpu", "dtype": None, "quantize": "int8", "limits": limits})
+    ]
     [(demo, kwargs)] = launches
     assert isinstance(demo, gr.Blocks) and kwargs == {"host": None, "port": 9001, "share": False}
 

@@ -70,23 +70,36 @@ def write_checkpoint(
     rng_states: list[dict[str, Any]],
     keep_last: int,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and delete all but the newest ``keep_last``."""
+    """Write checkpoint ``step`` atomically and delete all but the newest ``keep_last``.
+
+    A process killed at any point leaves every ``step-*`` folder whole: files are written into a
+    hidden folder that is renamed into place, and a folder to delete is first renamed out of the
+    ``step-*`` names, so that a deletion cut short never leaves a half-emptied checkpoint behind."""
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".*-step-*"):  # from a run killed while saving or deleting
+        shutil.rmtree(leftover, ignore_errors=True)
     final = checkpoint_dir(output_dir, step)
     tmp = root / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write_adapter(tmp / ADAPTER_FILE)
     save_file({k: v.contiguous() for k, v in optimizer_tensors.items()}, str(tmp / OPTIMIZER_FILE))
     (tmp / RNG_FILE).write_text(json.dumps(rng_states))
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    if final.exists():  # the same step saved again (e.g. the end of a resumed run)
-        shutil.rmtree(final)
+    # The same step saved again (e.g. the end of a resumed run): the new copy is in place before the old goes.
+    replaced = _move_aside(final) if final.exists() else None
     os.replace(tmp, final)
     for old in list_checkpoints(output_dir)[: -max(1, keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(_move_aside(old), ignore_errors=True)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     return final
+
+
+def _move_aside(checkpoint: Path) -> Path:
+    trash = checkpoint.with_name(f".old-{checkpoint.name}")
+    os.replace(checkpoint, trash)
+    return trash
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[dict[str, Any]]]:

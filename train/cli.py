@@ -4,10 +4,12 @@ command runs under ``accelerate launch [--num_processes N] [--config_file ...] -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import textwrap
+from typing import Iterator
 
 import yaml
 
@@ -102,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _plain_errors() -> Iterator[None]:
+    """A bad config, data file or checkpoint ends the run with one line and exit status 2 (the
+    traceback is logged at DEBUG); a bug elsewhere still shows its traceback."""
+    from llama_adapter.errors import LlamaAdapterError
+
+    try:
+        yield
+    except (LlamaAdapterError, ValueError, OSError, yaml.YAMLError) as e:
+        logging.getLogger(__name__).debug("The error in full:", exc_info=True)
+        what = "the config is not valid YAML: " if isinstance(e, yaml.YAMLError) else ""
+        print(f"error: {what}{' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -112,9 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     overrides = list(args.overrides) + extra
     if args.max_steps is not None:
         overrides.append(f"optim.max_steps={args.max_steps}")
-    cfg = load_config(
-        args.config, overrides, stage=args.stage, output_dir=args.output_dir, resume=args.resume, seed=args.seed
-    )
+    with _plain_errors():
+        cfg = load_config(
+            args.config, overrides, stage=args.stage, output_dir=args.output_dir, resume=args.resume, seed=args.seed
+        )
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return
@@ -127,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     from .trainer import run  # torch and accelerate load only once the arguments are fine
 
-    path = run(cfg)
+    with _plain_errors():
+        path = run(cfg)
     if main_process:
         print(f"Adapter: {path}")
