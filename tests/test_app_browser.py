@@ -12,6 +12,8 @@ from typing import Iterator
 import pytest
 from test_app import ROOT, SIGN_TEXT, Served, serve
 
+from experts.base import DEFAULT_CACHE
+
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -149,6 +151,7 @@ def example(served: Served) -> tuple[Path, str, str]:
 
 
 def test_image_with_ocr_shows_what_the_model_saw_and_compare_shows_both_answers(page, served):
+    DEFAULT_CACHE.clear()  # earlier tests in this process may have read the same image: this one times a fresh read
     image, question, expected = example(served)
     page.get_by_role("tab", name="Image").click()
     set_max_tokens(page, "image", 24)
