@@ -3,7 +3,6 @@ questions with and without OCR. Reports requests, failures, queue-full refusals 
 user is told to try again), p50/p95 latency, and the server's resident memory at start and end.
 
     python -m benchmarks.load                                    # starts `python app.py` on 127.0.0.1
-    python -m benchmarks.load --fresh-visual-adapter             # ... with an untrained visual adapter
     python -m benchmarks.load --url http://127.0.0.1:7860/ --pid 1234 --users 20 --seconds 120
 
 The measured window follows a warm-up: one request of each kind and every image through OCR once
@@ -268,30 +267,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fresh_visual_adapter(directory: Path) -> Path:
-    """An untrained visual adapter on SmolLM2 (EfficientNet-Lite0 encoder): the demo model's shape,
-    for when ``assets/demo-adapter.safetensors`` has not been trained yet."""
-    from llama_adapter.config import AdapterConfig
-    from llama_adapter.model import adapter_state_dict
-    from llama_adapter.pipeline import build_model
-    from llama_adapter.weights import load_base, save_adapter
-
-    base = load_base("smollm2-135m")
-    acfg = AdapterConfig.paper(
-        base.config, image_encoder="efficientnet-lite0", visual_dim=64, visual_depth=1, visual_heads=4
-    )
-    model = build_model(base, None, adapter_config=acfg)
-    return save_adapter(
-        directory / "fresh-visual-adapter.safetensors",
-        adapter_state_dict(model),
-        acfg,
-        base=base.config,
-        base_name="smollm2-135m",
-        base_fingerprint=base.fingerprint,
-        prompt_template="chat",
-    )
-
-
 def start_app(port: int, extra: list[str], logfile: Path) -> subprocess.Popen:
     """``python app.py`` on 127.0.0.1:``port``, offline; returns once it answers."""
     import httpx
@@ -332,8 +307,6 @@ def served(args: argparse.Namespace, workdir: Path) -> Iterator[Server]:
         yield Server(args.url, args.pid)
         return
     extra = list(args.app_args)
-    if args.fresh_visual_adapter:
-        extra += ["--adapter", str(fresh_visual_adapter(workdir))]
     port = free_port()
     proc = start_app(port, extra, workdir / "app.log")
     try:
@@ -352,7 +325,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=30.0, help="seconds of load before it (default 30)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="per answer (default 24)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fresh-visual-adapter", action="store_true", help="serve an untrained visual adapter")
     p.add_argument("--max-growth", type=float, default=10.0, help="memory growth allowed, percent (default 10)")
     p.add_argument("--json", type=Path, help="also write the report, every request included, here")
     p.add_argument("app_args", nargs="*", help="passed to app.py (after --), e.g. -- --queue-size 8")

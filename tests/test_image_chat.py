@@ -1,13 +1,11 @@
 """ImageChat (multi-turn about one image, experts per turn, KV cache reused) and describe (one shot),
-on SmolLM2 with a visual adapter (the shipped demo model, or a fresh one when it is not there yet)."""
+on the shipped demo model (SmolLM2 with a visual adapter)."""
 
 from __future__ import annotations
 
 import functools
 import json
-import tempfile
 import threading
-from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
@@ -15,37 +13,14 @@ from PIL import Image, ImageDraw
 import llama_adapter
 from experts import Availability, Description, Expert, ExpertCache, ImageChat, Registry, build_prompt, describe
 from llama_adapter import InputError, Pipeline
-from llama_adapter.pipeline import DEFAULT_ADAPTER
 
 SHORT = {"max_new_tokens": 8}
 
 
 @functools.cache
 def visual_pipeline() -> Pipeline:
-    """An image-capable pipeline, loaded once per test process (the app tests share it)."""
-    if DEFAULT_ADAPTER.is_file():
-        return llama_adapter.load()
-    from llama_adapter.config import AdapterConfig
-    from llama_adapter.model import adapter_state_dict
-    from llama_adapter.pipeline import build_model
-    from llama_adapter.weights import load_base, save_adapter
-
-    base = load_base("smollm2-135m")
-    acfg = AdapterConfig.paper(
-        base.config, image_encoder="efficientnet-lite0", visual_dim=64, visual_depth=1, visual_heads=4
-    )
-    model = build_model(base, None, adapter_config=acfg)
-    path = Path(tempfile.mkdtemp(prefix="visual-adapter-")) / "adapter.safetensors"
-    save_adapter(
-        path,
-        adapter_state_dict(model),
-        acfg,
-        base=base.config,
-        base_name="smollm2-135m",
-        base_fingerprint=base.fingerprint,
-        prompt_template="chat",
-    )
-    return llama_adapter.load(adapter=path)
+    """The shipped demo model, loaded once per test process (the app and demo-model tests share it)."""
+    return llama_adapter.load()
 
 
 class Says(Expert):
