@@ -369,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few minutes on a small subset; checks the loss falls")
     parser.add_argument("--ablations", action="store_true", help="the paper's ablations, one shared budget")
     parser.add_argument("--seed", type=int, default=0, help="data and training seed")
-    parser.add_argument("--steps", type=int, help="optimiser steps (default: 700, --quick 24, --ablations 120 of batch 8)")
+    parser.add_argument(
+        "--steps", type=int, help="optimiser steps (default: 700, --quick 24, --ablations 120 of batch 8)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo", help="training runs go here")
     parser.add_argument("--no-ship", action="store_true", help="do not write into assets/")
     args = parser.parse_args(argv)
