@@ -60,7 +60,7 @@ def as_messages(prompt: Prompt) -> list[Message]:
 
 def with_system(messages: list[Message], system_prompt: str | None) -> list[Message]:
     """``messages`` with ``system_prompt`` in front, unless they already hold a system message."""
-    if not system_prompt or any(m.get("role") == "system" for m in messages):
+    if not system_prompt or any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
         return messages
     return [{"role": "system", "content": system_prompt}, *messages]
 

@@ -155,13 +155,19 @@ def test_image_with_ocr_shows_what_the_model_saw_and_compare_shows_both_answers(
     image, question, expected = example(served)
     page.get_by_role("tab", name="Image").click()
     set_max_tokens(page, "image", 24)
-    page.set_input_files("#image-input input[type=file]", str(image))
+    with page.expect_response(lambda r: "/upload" in r.url):
+        page.set_input_files("#image-input input[type=file]", str(image))
     page.wait_for_selector("#image-input img")
+    page.wait_for_timeout(1500)  # as a person would: the upload's change event reaches the server before Ask
     page.check("#experts input[name=ocr]")
     page.fill("#image-question textarea", question)
     page.click("#image-ask")
 
-    panel = wait_until(lambda: "OCR" in (t := page.inner_text("#seen-experts")) and "s)" in t and t, timeout=180)
+    try:
+        panel = wait_until(lambda: "OCR" in (t := page.inner_text("#seen-experts")) and "s)" in t and t, timeout=180)
+    except AssertionError:
+        shot(page, "image-ocr-timeout")
+        raise AssertionError(f"the panel says {page.inner_text('#seen-experts')!r}") from None
     assert all(word in panel for word in expected.split()), panel
     answer, _ = stable_answer(page, "#image-chatbot [data-testid=bot]")
     assert answer.strip()
