@@ -684,10 +684,9 @@ def build_demo(
             [image, image_state],
             [image_chatbot, *seen_outputs, image, image_state],
             preprocess=False,
-            cancels=image_running,
             api_visibility="private",
             **model,
-        )
+        )  # Queued, not cancelling: a question asked right after an upload must run after it, on the new image.
         image_stop_btn.click(stop, [image_state], None, cancels=image_running, **instant)
         image_undo_btn.click(
             image_undo, [image_state], [image_chatbot, *seen_outputs], cancels=image_running, **instant

@@ -158,7 +158,6 @@ def test_image_with_ocr_shows_what_the_model_saw_and_compare_shows_both_answers(
     with page.expect_response(lambda r: "/upload" in r.url):
         page.set_input_files("#image-input input[type=file]", str(image))
     page.wait_for_selector("#image-input img")
-    page.wait_for_timeout(1500)  # as a person would: the upload's change event reaches the server before Ask
     page.check("#experts input[name=ocr]")
     page.fill("#image-question textarea", question)
     page.click("#image-ask")
