@@ -112,19 +112,22 @@ def test_chat_streams_an_answer_and_stop_undo_retry_work(page):
     page.click("#chat-send")
     wait_until(lambda: any(t.strip() for t in texts(page, "#chatbot [data-testid=bot]")))
     shot(page, "chat-streaming")
-    answer, lengths = stable_answer(page, "#chatbot [data-testid=bot]")
-    assert len({n for n in lengths if 0 < n < len(answer)}) >= 2, "the answer arrived in one piece"
-    assert texts(page, "#chatbot [data-testid=user]") == ["Name three colours."]
+    answer, _ = stable_answer(page, "#chatbot [data-testid=bot]")
+    assert answer.strip() and texts(page, "#chatbot [data-testid=user]") == ["Name three colours."]
     shot(page, "chat-answered")
 
-    page.fill("#chat-input textarea", "Count slowly from one to one hundred.")
+    page.fill("#chat-input textarea", "Write a story about a dragon who learns to bake bread.")
     page.click("#chat-send")
-    wait_until(
-        lambda: (
-            len(texts(page, "#chatbot [data-testid=bot]")) == 2
-            and texts(page, "#chatbot [data-testid=bot]")[-1].strip()
-        )
-    )
+    # A long answer, watched as it grows: it streams (a short one may finish between two looks).
+    lengths: set[int] = set()
+
+    def growing() -> bool:
+        bots = texts(page, "#chatbot [data-testid=bot]")
+        if len(bots) == 2 and bots[-1].strip():
+            lengths.add(len(bots[-1]))
+        return len(lengths) >= 3
+
+    wait_until(growing)
     page.click("#chat-stop")
     stopped, _ = stable_answer(page, "#chatbot [data-testid=bot]", quiet=2.0)
     assert stopped.strip()
