@@ -126,8 +126,8 @@ class _SafeTorch:
         return getattr(self._torch, name)
 
     def load(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        return self._torch.load(*args, **kwargs)
+        kwargs.pop("weights_only", None)
+        return self._torch.load(*args, weights_only=True, **kwargs)
 
 
 class _EasyOcr(_Engine):
