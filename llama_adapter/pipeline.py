@@ -32,7 +32,7 @@ from .prompts import (
     validate_messages,
     with_system,
 )
-from .quantize import quantize_model
+from .quantize import can_pack, pack_linears, quantize_model
 from .tokenizer import Tokenizer
 from .weights import AdapterWeights, BaseWeights, check_keys, load_adapter, load_base, read_adapter_metadata
 
@@ -110,6 +110,8 @@ def load(
     model.fuse()
     if quantize:
         quantize_model(model, quantize)
+    elif can_pack(device, dtype):
+        pack_linears(model)
     model.eval()
 
     tokenizer = base_weights.tokenizer

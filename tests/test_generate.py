@@ -1,4 +1,4 @@
-"""Generation on the real SmolLM2: streaming, batching, chat KV reuse, sampling, stops, int8."""
+"""Generation on the real SmolLM2: streaming, batching, chat KV reuse, sampling, stops, int8, bf16."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import llama_adapter
 from llama_adapter.errors import InputError
 from llama_adapter.generate import Sampling, TextStream
 from llama_adapter.prompts import format_alpaca, render
+from llama_adapter.quantize import PackedLinear, can_pack
 
 
 def test_stream_yields_pieces_that_join_to_the_answer(smol):
@@ -156,6 +157,30 @@ def test_int8_keeps_the_answer_and_the_adapter_precision():
     assert agreement >= 0.9
     assert pipe.model.layers[0].attention.wqkv.base.weight_int8.dtype == torch.int8
     assert pipe.model.norm.weight.dtype == torch.float32
+
+
+def test_bf16_on_cpu_agrees_with_fp32_and_uses_packed_weights_when_supported(smol):
+    pipe = llama_adapter.load("smollm2-135m", dtype="bf16")
+    ids = torch.tensor([smol.encode(smol.render("Explain why the sky is blue in two sentences."))])
+    with torch.no_grad():
+        a, b = pipe.model(ids)[0].float(), smol.model(ids)[0]
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
+    packed = isinstance(pipe.model.layers[0].attention.wqkv.base, PackedLinear)
+    assert packed == can_pack(torch.device("cpu"), torch.bfloat16)
+    assert packed == isinstance(pipe.model.output, PackedLinear)
+    answer = pipe.generate("Name three colours.", max_new_tokens=64).lower()
+    assert sum(c in answer for c in ("red", "blue", "green", "yellow", "orange", "purple")) >= 2
+
+
+def test_packed_linear_equals_the_plain_product():
+    if not can_pack(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this CPU has no native bfloat16 in oneDNN")
+    linear = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    packed = PackedLinear(linear)
+    for shape in ((1, 64), (1, 1, 64), (3, 5, 64)):
+        x = torch.randn(shape).to(torch.bfloat16)
+        expected = torch.nn.functional.linear(x.float(), linear.weight.float())
+        torch.testing.assert_close(packed(x).float(), expected, atol=0.05, rtol=0.02)
 
 
 def test_sampling_from_kwargs_accepts_single_stop_string():
