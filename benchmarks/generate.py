@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct, batch 1, a fixed chat prompt, exactly 128 greedy new tokens (no early
 stop), best of ``--repeats`` runs, interleaved so both see the same machine load. Also the
-perplexity change of int8 weights on a fixed text.
+perplexity change of int8 weights on a fixed text, and the time our weight matmuls alone take
+per token (the bound that no per-op overhead cut can pass).
 
     python -m benchmarks.generate [--threads 2] [--repeats 3] [--new-tokens 128]
 """
@@ -17,6 +18,7 @@ import torch
 
 import llama_adapter
 from llama_adapter.generate import Sampling, decode_tokens
+from llama_adapter.model import AdapterLinear
 from llama_adapter.weights import smollm2_dir
 
 PROMPT = "Explain in a few sentences why leaves change colour in autumn."
@@ -36,6 +38,21 @@ def ours_tokens_per_second(pipe: llama_adapter.Pipeline, ids: list[int], new_tok
     n = sum(1 for _ in decode_tokens(pipe.model, [ids], params, stop_ids=set()))
     assert n == new_tokens
     return n / (time.perf_counter() - start)
+
+
+def matmul_ms_per_token(pipe: llama_adapter.Pipeline, repeats: int = 20) -> float:
+    """Milliseconds per token spent in the weight matmuls alone (every block linear and the output
+    head on a one-token input, with the kernels this pipeline uses): decoding with no other cost."""
+    model = pipe.model
+    dtype = model.norm.weight.dtype
+    linears = [m.base for m in model.modules() if isinstance(m, AdapterLinear)] + [model.output]
+    inputs = [torch.randn(1, 1, m.in_features, dtype=dtype) for m in linears]
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for linear, x in zip(linears, inputs):
+                linear(x)
+    return 1000 * (time.perf_counter() - start) / repeats
 
 
 def hf_tokens_per_second(model, ids: list[int], new_tokens: int) -> float:
@@ -78,9 +95,12 @@ def main() -> None:
     }
     ids = ours["fp32"].encode(ours["fp32"].render(PROMPT))
     best: dict[str, float] = {}
+    matmul_ms: dict[str, float] = {}
     for _ in range(args.repeats):
         for name, pipe in ours.items():
-            best[f"ours {name}"] = max(best.get(f"ours {name}", 0), ours_tokens_per_second(pipe, ids, args.new_tokens))
+            key = f"ours {name}"
+            best[key] = max(best.get(key, 0), ours_tokens_per_second(pipe, ids, args.new_tokens))
+            matmul_ms[key] = min(matmul_ms.get(key, math.inf), matmul_ms_per_token(pipe))
         for name, model in hf.items():
             key = f"transformers {name}"
             best[key] = max(best.get(key, 0), hf_tokens_per_second(model, ids, args.new_tokens))
@@ -94,11 +114,16 @@ def main() -> None:
         f"SmolLM2-135M, batch 1, {len(ids)}-token prompt, {args.new_tokens} greedy tokens, "
         f"{args.threads} threads, best of {args.repeats}"
     )
-    print(f"{'system':<20} {'tok/s':>7} {'vs HF same dtype':>17} {'vs HF fp32':>11}")
+    print(f"{'system':<20} {'tok/s':>7} {'vs HF same dtype':>17} {'vs HF fp32':>11} {'matmuls ms/token':>17}")
     for key, value in best.items():
         same = best.get(f"transformers {key.split()[-1]}")
         vs_same = f"{value / same:.2f}x" if same else "-"
-        print(f"{key:<20} {value:7.1f} {vs_same:>17} {value / ref:10.2f}x")
+        matmuls = f"{matmul_ms[key]:.1f} ({matmul_ms[key] * value / 10:.0f}%)" if key in matmul_ms else "-"
+        print(f"{key:<20} {value:7.1f} {vs_same:>17} {value / ref:10.2f}x {matmuls:>17}")
+    print(
+        "matmuls ms/token: the weight matmuls alone, and their share of our decode time; "
+        "1000 / that is the fastest any decoder calling these kernels could go"
+    )
     print(f"perplexity on a fixed {text_ids.shape[1]}-token text: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
     print(f"int8 perplexity change vs fp32: {100 * (ppl['int8'] / ppl['fp32'] - 1):+.2f}%")
 
