@@ -202,7 +202,7 @@ class Attention(nn.Module):
         self.wk = linear("wk", cfg.dim, kv_out)
         self.wv = linear("wv", cfg.dim, kv_out)
         self.wo = linear("wo", q_out, cfg.dim)
-        self.split = (q_out + kv_out, kv_out)  # queries and keys side by side, then values
+        self.split = (q_out, kv_out, kv_out)
         self.wqkv: AdapterLinear | None = None  # wq, wk, wv in one matmul (inference; see fuse())
         self.gate = nn.Parameter(torch.empty(1, cfg.n_heads, 1, 1)) if gated else None
         self.new_gate = nn.Parameter(torch.empty(1, 1, 1, 1)) if gated and acfg.new_gate else None
@@ -220,11 +220,10 @@ class Attention(nn.Module):
         self.wqkv = AdapterLinear.fused([self.wq, self.wk, self.wv])
         del self.wq, self.wk, self.wv
 
-    def project(self, x: torch.Tensor, use_lora: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries and keys side by side (one RoPE call rotates both), and values."""
+    def qkv(self, x: torch.Tensor, use_lora: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.wqkv is not None:
             return self.wqkv(x).split(self.split, dim=-1)
-        return torch.cat([self.wq(x, use_lora), self.wk(x, use_lora)], dim=-1), self.wv(x, use_lora)
+        return self.wq(x, use_lora), self.wk(x, use_lora), self.wv(x, use_lora)
 
     def forward(
         self,
@@ -237,9 +236,9 @@ class Attention(nn.Module):
         prompt_norm: RMSNorm | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        qk, v = self.project(x)
-        qk = apply_rope(qk.view(b, s, self.n_heads + self.n_kv_heads, self.head_dim), freqs).transpose(1, 2)
-        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)
+        q, k, v = self.qkv(x)
+        q = apply_rope(q.view(b, s, self.n_heads, self.head_dim), freqs).transpose(1, 2)
+        k = apply_rope(k.view(b, s, self.n_kv_heads, self.head_dim), freqs).transpose(1, 2)
         v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer_id, k, v)
@@ -271,8 +270,8 @@ class Attention(nn.Module):
         prompt = prompt.to(dtype)
         if prompt_norm is not None:
             prompt = prompt_norm(prompt)
-        qk, pv = self.project(prompt, use_lora=False)
-        pk = qk[..., self.n_heads * self.head_dim :].reshape(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        _, pk, pv = self.qkv(prompt, use_lora=False)
+        pk = pk.reshape(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
         pv = pv.reshape(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
         repeat = self.n_heads // self.n_kv_heads
         kv = (pk.repeat_interleave(repeat, 1), pv.repeat_interleave(repeat, 1))
