@@ -1,9 +1,10 @@
 """Decode speed of our generation against transformers ``generate``, measured in one run.
 
 SmolLM2-135M-Instruct, batch 1, a fixed chat prompt, exactly 128 greedy new tokens (no early
-stop), best of ``--repeats`` runs, interleaved so both see the same machine load. Also the
-perplexity change of int8 weights on a fixed text, and the time our weight matmuls alone take
-per token (the bound that no per-op overhead cut can pass).
+stop), best of ``--repeats`` runs, interleaved so all see the same machine load. Ours runs
+eager and with its decode step compiled (``load(compile=True)``; the compile time is printed).
+Also the perplexity change of int8 weights on a fixed text, and the time our eager weight
+matmuls alone take per token (the bound that no per-op overhead cut in eager mode can pass).
 
     python -m benchmarks.generate [--threads 2] [--repeats 3] [--new-tokens 128]
 """
@@ -74,6 +75,16 @@ def perplexity(logits_fn, ids: torch.Tensor) -> float:
     return math.exp(loss.item())
 
 
+def decode_perplexity(model, ids: torch.Tensor) -> float:
+    """Perplexity with every prediction but the first from a one-token cached step: the path that
+    ``compile_decoding`` compiles."""
+    with torch.inference_mode():
+        cache = model.new_cache(1)
+        logits = torch.cat([model(ids[:, i : i + 1], cache=cache) for i in range(ids.shape[1] - 1)], 1).float()
+    loss = torch.nn.functional.cross_entropy(logits[0], ids[0, 1:])
+    return math.exp(loss.item())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -84,11 +95,13 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    ours = {
-        "fp32": llama_adapter.load("smollm2-135m"),
-        "bf16": llama_adapter.load("smollm2-135m", dtype="bf16"),
-        "int8": llama_adapter.load("smollm2-135m", quantize="int8"),
-    }
+    settings = {"fp32": {}, "bf16": {"dtype": "bf16"}, "int8": {"quantize": "int8"}}
+    ours = {name: llama_adapter.load("smollm2-135m", **kw) for name, kw in settings.items()}
+    compile_seconds = {}
+    for name, kw in settings.items():
+        started = time.perf_counter()
+        ours[f"{name} compiled"] = llama_adapter.load("smollm2-135m", compile=True, **kw)
+        compile_seconds[name] = time.perf_counter() - started
     hf = {
         "fp32": AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), dtype=torch.float32).eval(),
         "bf16": AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), dtype=torch.bfloat16).eval(),
@@ -100,13 +113,17 @@ def main() -> None:
         for name, pipe in ours.items():
             key = f"ours {name}"
             best[key] = max(best.get(key, 0), ours_tokens_per_second(pipe, ids, args.new_tokens))
-            matmul_ms[key] = min(matmul_ms.get(key, math.inf), matmul_ms_per_token(pipe))
+            if not pipe.info["compiled"]:
+                matmul_ms[key] = min(matmul_ms.get(key, math.inf), matmul_ms_per_token(pipe))
         for name, model in hf.items():
             key = f"transformers {name}"
             best[key] = max(best.get(key, 0), hf_tokens_per_second(model, ids, args.new_tokens))
 
     text_ids = torch.tensor([ours["fp32"].tokenizer.encode(TEXT, bos=False)])
-    ppl = {name: perplexity(pipe.model, text_ids) for name, pipe in ours.items()}
+    ppl = {
+        name: (decode_perplexity if pipe.info["compiled"] else perplexity)(pipe.model, text_ids)
+        for name, pipe in ours.items()
+    }
     ppl["transformers fp32"] = perplexity(lambda x: hf["fp32"](x).logits, text_ids)
 
     ref = best["transformers fp32"]
@@ -114,18 +131,21 @@ def main() -> None:
         f"SmolLM2-135M, batch 1, {len(ids)}-token prompt, {args.new_tokens} greedy tokens, "
         f"{args.threads} threads, best of {args.repeats}"
     )
-    print(f"{'system':<20} {'tok/s':>7} {'vs HF same dtype':>17} {'vs HF fp32':>11} {'matmuls ms/token':>17}")
+    print(f"{'system':<22} {'tok/s':>7} {'vs HF same dtype':>17} {'vs HF fp32':>11} {'matmuls ms/token':>17}")
     for key, value in best.items():
-        same = best.get(f"transformers {key.split()[-1]}")
+        same = best.get(f"transformers {key.split()[1]}")
         vs_same = f"{value / same:.2f}x" if same else "-"
         matmuls = f"{matmul_ms[key]:.1f} ({matmul_ms[key] * value / 10:.0f}%)" if key in matmul_ms else "-"
-        print(f"{key:<20} {value:7.1f} {vs_same:>17} {value / ref:10.2f}x {matmuls:>17}")
+        print(f"{key:<22} {value:7.1f} {vs_same:>17} {value / ref:10.2f}x {matmuls:>17}")
     print(
         "matmuls ms/token: the weight matmuls alone, and their share of our decode time; "
         "1000 / that is the fastest any decoder calling these kernels could go"
     )
+    print("load + compile seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in compile_seconds.items()))
     print(f"perplexity on a fixed {text_ids.shape[1]}-token text: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
-    print(f"int8 perplexity change vs fp32: {100 * (ppl['int8'] / ppl['fp32'] - 1):+.2f}%")
+    print("(compiled: each prediction from a one-token decode step, the compiled path)")
+    for name in ("int8", "int8 compiled"):
+        print(f"{name} perplexity change vs fp32: {100 * (ppl[name] / ppl['fp32'] - 1):+.2f}%")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--base", help="base model: smollm2-135m, a folder (HF or Meta layout), a .gguf, or org/name")
     model.add_argument("--adapter", help="adapter: BIAS-7B, LORA-BIAS-7B, LORA-BIAS-7B-v21, or a file path")
     model.add_argument("--quantize", choices=["int8"], help="store base weights in 8 bits")
+    model.add_argument(
+        "--compile", action="store_true", help="compile the decode step first (faster answers; 1-2 min once)"
+    )
     model.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default: cpu)")
     model.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on GPU")
     model.add_argument("--template", choices=["alpaca", "chat"], help="prompt format (default: per model)")
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             dtype=args.dtype,
             quantize=args.quantize,
+            compile=args.compile,
             template=args.template,
         )
         session = pipe.chat(system=args.system, image=args.image)

@@ -123,8 +123,11 @@ class AttentionMask:
 class KVCache:
     """Keys and values of the tokens seen so far, for every layer; grows on demand.
 
-    ``key_valid`` marks real (not left-padding) positions; ``next_position`` is each row's next
-    RoPE position. ``prompt_kv`` holds the adapter prompts' keys/values, computed once.
+    Attention reads the whole buffers (``capacity`` positions) under a mask built from
+    ``key_valid``, which marks the real positions (not left padding, not yet written), so a decode
+    step has the same shapes at every position (what lets :meth:`LlamaAdapter.compile_decoding`
+    compile it once). ``next_position`` is each row's next RoPE position; ``prompt_kv`` holds the
+    adapter prompts' keys/values, computed once.
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, device, dtype) -> None:
@@ -134,6 +137,7 @@ class KVCache:
         self.values = [torch.empty(self.shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.key_valid = torch.empty(batch, 0, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.write_at = torch.empty(0, dtype=torch.long, device=device)  # buffer positions of the new tokens
         self.length = 0
         self.padded = False  # whether any cached position is left padding
         self.prompt_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
@@ -151,7 +155,8 @@ class KVCache:
         b, h, _, d = self.shape
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                grown = torch.empty((b, h, capacity, d), device=self.device, dtype=self.dtype)
+                # Zeros, not garbage: masked positions still enter the product, weighted 0 (and 0 × NaN is NaN).
+                grown = torch.zeros((b, h, capacity, d), device=self.device, dtype=self.dtype)
                 grown[:, :, : self.length] = old[:, :, : self.length]
                 store[i] = grown
         valid = torch.zeros(b, capacity, dtype=torch.bool, device=self.device)
@@ -160,8 +165,9 @@ class KVCache:
 
     def append_valid(self, n: int, valid: torch.Tensor | None) -> torch.Tensor:
         """Record the validity [B, n] of ``n`` new tokens (``None``: all real); returns the
-        validity of all keys [B, length + n]."""
+        validity of every buffer position [B, capacity]."""
         self.reserve(n)
+        self.write_at = torch.arange(self.length, self.length + n, device=self.device)
         if valid is None:
             self.key_valid[:, self.length : self.length + n] = True
             self.next_position += n
@@ -169,13 +175,13 @@ class KVCache:
             self.key_valid[:, self.length : self.length + n] = valid
             self.next_position += valid.sum(1)
             self.padded = self.padded or not bool(valid.all())
-        return self.key_valid[:, : self.length + n]
+        return self.key_valid
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        """Store the new tokens' keys and values at ``write_at``; returns the whole buffers."""
+        self.keys[layer].index_copy_(2, self.write_at, k)
+        self.values[layer].index_copy_(2, self.write_at, v)
+        return self.keys[layer], self.values[layer]
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -185,6 +191,8 @@ class KVCache:
         if length > self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
         self.length = length
+        with torch.inference_mode():  # the buffers were made in inference mode, by decoding
+            self.key_valid[:, length:] = False
         self.next_position = self.key_valid[:, :length].sum(1)
         self.padded = not bool(self.key_valid[:, :length].all())
 
@@ -493,6 +501,12 @@ class LlamaAdapter(nn.Module):
             raise ValueError(f"Sequence longer than the model's context ({self.config.max_seq_len} tokens)")
         if images is not None and visual_prompt is None:
             visual_prompt = self.encode_image(images)
+        if cache is not None and cache.prompts_ready and s == 1 and attention_mask is None:
+            positions = cache.next_position.unsqueeze(1).clone()
+            cache.append_valid(1, None)
+            logits = self.decode_step(self.tok_embeddings(input_ids), positions, cache)
+            cache.advance(1)
+            return logits
         positions, mask = self._positions_and_mask(input_ids, attention_mask, cache)
         freqs = self.rope[positions]
         if cache is not None and cache.prompts_ready:
@@ -512,10 +526,47 @@ class LlamaAdapter(nn.Module):
             h = h[logits_at]
         return self.output(self.norm(h))
 
+    def decode_step(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, 1, vocab] of one new token per row, from its embedding ``h`` [B, 1, dim] at
+        RoPE ``positions`` [B, 1], its place in the cache already reserved and every adapter
+        prompt's keys and values cached. Its shapes are the same at every step (the cache is read
+        whole, its unwritten positions masked), so :meth:`compile_decoding` can compile it once."""
+        freqs = self.rope[positions]
+        mask = AttentionMask(cache.key_valid[:, None, None, :], is_causal=False)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, freqs, mask, None, cache, i)
+        return self.output(self.norm(h))
+
+    def compile_decoding(self) -> None:
+        """Replace :meth:`decode_step` by its ``torch.compile`` version (inductor; on CPU with the
+        C++ wrapper, which removes the per-kernel Python overhead that dominates one-token steps)
+        and compile it now, with the cache length dynamic so that one graph serves every length.
+        Costs ~1-2 min of compiling on a small CPU the first time, seconds afterwards (inductor
+        caches on disk). A batch of another size compiles once more. Prefill stays eager."""
+        if self.training:
+            raise ValueError("compile_decoding is for inference: call model.eval() first")
+        import torch._dynamo
+
+        options = {"cpp_wrapper": True} if self.tok_embeddings.weight.device.type == "cpu" else None
+        self.decode_step = torch.compile(self.decode_step, fullgraph=True, options=options)
+        try:
+            with torch.inference_mode():
+                cache = self.new_cache(1)
+                first = torch.zeros(1, 1, dtype=torch.long, device=cache.device)
+                self(first, cache=cache)
+                for buffer in (*cache.keys, *cache.values):
+                    torch._dynamo.mark_dynamic(buffer, 2)
+                torch._dynamo.mark_dynamic(cache.key_valid, 1)
+                self(first, cache=cache)
+        except Exception:
+            del self.decode_step  # back to the eager method
+            raise
+
     def _positions_and_mask(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None
     ) -> tuple[torch.Tensor, AttentionMask]:
-        """RoPE positions [B, S] (left padding does not count) and the attention mask."""
+        """RoPE positions [B, S] (left padding does not count) and the attention mask; with a
+        cache, over all its buffer positions."""
         b, s = input_ids.shape
         device = input_ids.device
         past = cache.length if cache is not None else 0
@@ -532,15 +583,11 @@ class LlamaAdapter(nn.Module):
             key_valid = valid
             padded = valid is not None and not bool(valid.all())
 
-        if not padded:
-            if past == 0:
-                return positions, AttentionMask(None, is_causal=s > 1)
-            if s == 1:
-                return positions, AttentionMask(None, is_causal=False)
-        if key_valid is None:
-            key_valid = torch.ones(b, past + s, dtype=torch.bool, device=device)
+        if past == 0 and not padded:
+            # Query i attends keys 0..i; the cache's unwritten positions lie beyond every query.
+            return positions, AttentionMask(None, is_causal=s > 1 or cache is not None)
         q_pos = torch.arange(past, past + s, device=device).unsqueeze(1)
-        k_pos = torch.arange(past + s, device=device).unsqueeze(0)
+        k_pos = torch.arange(key_valid.shape[1], device=device).unsqueeze(0)
         allowed = (k_pos <= q_pos).unsqueeze(0) & key_valid.unsqueeze(1)
         # A padding query attends to itself, so no row is fully masked (which would give NaN).
         allowed |= (k_pos == q_pos).unsqueeze(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 import warnings
@@ -74,6 +75,7 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
+    compile: bool = False,
     clip_weights: str | None = "openai",
     template: Template | None = None,
     limits: Limits | None = None,
@@ -85,6 +87,10 @@ def load(
     ``LORA-BIAS-7B-v21``, ``CAPTION-7B``), an official ``.pth`` or one of our ``.safetensors``;
     our adapters name their base, so ``base`` may be left out. ``quantize="int8"`` stores the
     base's linear weights in 8 bits (bitsandbytes on CUDA, weight-only int8 on CPU).
+    ``compile=True`` compiles the one-token decode step with ``torch.compile`` before returning:
+    1.1-1.4× faster decoding on CPU (``benchmarks/generate.py``), for 1-2 minutes of compiling
+    the first time on a small CPU and seconds afterwards (inductor's cache on disk); if it cannot
+    compile it warns and decodes eager.
     """
     started = time.perf_counter()
     device = torch.device(device)
@@ -110,9 +116,11 @@ def load(
     model.fuse()
     if quantize:
         quantize_model(model, quantize)
-    elif can_pack(device, dtype):
+    elif can_pack(device, dtype) and not compile:  # inductor cannot take oneDNN's packed weights
         pack_linears(model)
     model.eval()
+    if compile:
+        compile = _compile_decoding(model)
 
     tokenizer = base_weights.tokenizer
     if template is None:
@@ -124,6 +132,7 @@ def load(
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "quantize": quantize,
+        "compiled": compile,
         "template": template,
         "image_encoder": model.adapter_config.image_encoder,
         "load_seconds": round(time.perf_counter() - started, 2),
@@ -133,6 +142,24 @@ def load(
     return Pipeline(
         model, tokenizer, template=template, info=info, system_prompt=system_prompt, limits=limits or Limits()
     )
+
+
+def _compile_decoding(model: LlamaAdapter) -> bool:
+    """Compile the model's decode step; on failure say why and keep decoding eager (slower, same
+    answers) rather than refuse to serve. Returns whether it compiled."""
+    device = model.tok_embeddings.weight.device
+    if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        log.warning("compile=True needs a C++ compiler on CPU (apt install g++); decoding stays eager")
+        return False
+    started = time.perf_counter()
+    log.info("Compiling the decode step (1-2 min the first time on a small CPU, seconds once cached)")
+    try:
+        model.compile_decoding()
+    except Exception as e:  # inductor's failures are many and version-specific
+        log.warning("Could not compile the decode step (%s: %s); decoding stays eager", type(e).__name__, e)
+        return False
+    log.info("Compiled the decode step in %.1f s", time.perf_counter() - started)
+    return True
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

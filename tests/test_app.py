@@ -256,7 +256,10 @@ def test_flags_default_to_the_environment(monkeypatch):
     monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
     args = app.parse_args([])
     assert (args.base, args.adapter, args.quantize, args.device, args.dtype) == (None, None, "int8", "cuda", None)
-    assert (args.host, args.port, args.share) == (None, 7861, False)
+    assert (args.host, args.port, args.share, args.compile) == (None, 7861, False, False)
+    monkeypatch.setenv("LLAMA_ADAPTER_COMPILE", "1")
+    assert app.parse_args([]).compile
+    monkeypatch.delenv("LLAMA_ADAPTER_COMPILE")
     args = app.parse_args(["--device", "cpu", "--dtype", "bf16", "--host", "0.0.0.0", "--port", "9000", "--share"])
     assert (args.device, args.dtype, args.host, args.port, args.share) == ("cpu", "bf16", "0.0.0.0", 9000, True)
     for name, wrong in (("LLAMA_ADAPTER_QUANTIZE", "int4"), ("LLAMA_ADAPTER_DTYPE", "fp8")):
@@ -270,11 +273,10 @@ def test_main_loads_once_and_launches(monkeypatch, served):
     loads, launches = [], []
     monkeypatch.setattr(app.llama_adapter, "load", lambda *a, **k: loads.append((a, k)) or served.pipe)
     monkeypatch.setattr(app, "launch", lambda demo, **k: launches.append((demo, k)))
-    assert app.main(["--adapter", "mine.safetensors", "--quantize", "int8", "--port", "9001"]) == 0
+    assert app.main(["--adapter", "mine.safetensors", "--quantize", "int8", "--compile", "--port", "9001"]) == 0
     limits = Limits(max_new_tokens=app.MAX_NEW_TOKENS)
-    assert loads == [
-        ((None, "mine.safetensors"), {"device": "cpu", "dtype": None, "quantize": "int8", "limits": limits})
-    ]
+    expected = {"device": "cpu", "dtype": None, "quantize": "int8", "compile": True, "limits": limits}
+    assert loads == [((None, "mine.safetensors"), expected)]
     [(demo, kwargs)] = launches
     assert isinstance(demo, gr.Blocks) and kwargs == {"host": None, "port": 9001, "share": False}
 

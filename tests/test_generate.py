@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import llama_adapter
+import llama_adapter.chat
 from llama_adapter.errors import InputError
 from llama_adapter.generate import Sampling, TextStream
 from llama_adapter.prompts import format_alpaca, render
@@ -44,6 +45,32 @@ def test_chat_turn_two_prefills_only_new_tokens(smol):
     # The cached turn gives the same answer as the whole conversation computed from scratch.
     assert second == smol.generate(chat.messages[:-1], max_new_tokens=16)
     assert first and second
+
+
+def test_compiled_chat_cli_answers_as_eager(tiny_pipe, capsys):
+    """``python -m llama_adapter.chat --compile``: the decode step compiled at load, the same answer."""
+    expected = tiny_pipe.chat().ask("Name three colours.", max_new_tokens=60)
+    argv = ["--base", tiny_pipe.info["base"], "--compile", "--prompt", "Name three colours.", "--max-new-tokens", "60"]
+    assert llama_adapter.chat.main(argv) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_compile_that_cannot_happen_keeps_decoding_eager(tiny_pipe, monkeypatch, caplog):
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("inductor fell over")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    pipe = llama_adapter.load(tiny_pipe.info["base"], compile=True)
+    assert not pipe.info["compiled"] and "inductor fell over" in caplog.text
+    assert pipe.generate("Hi", max_new_tokens=8) == tiny_pipe.generate("Hi", max_new_tokens=8)
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(llama_adapter.pipeline.shutil, "which", lambda name: None)
+    assert not llama_adapter.load(tiny_pipe.info["base"], compile=True).info["compiled"]
+    assert "needs a C++ compiler" in caplog.text
 
 
 def test_chat_undo(smol):

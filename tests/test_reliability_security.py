@@ -30,7 +30,6 @@ TOKEN = "hf_reliabilityTestTokenDoNotLog0123456789"
 # -- deserialisation -------------------------------------------------------------------------------------
 
 
-
 def python_files() -> list[Path]:
     return [
         p
