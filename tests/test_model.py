@@ -102,16 +102,23 @@ def test_nonzero_bias_and_scale_change_logits():
     assert not torch.allclose(before, with_bias) and not torch.allclose(with_bias, with_scale)
 
 
+def trained_looking(cfg: LlamaConfig, acfg: AdapterConfig) -> LlamaAdapter:
+    """A random model (seeded) in eval mode, its adapter nudged away from the identity: every path active."""
+    torch.manual_seed(0)
+    model = LlamaAdapter(cfg, acfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() <= 1 or p.shape[-1] == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
 @pytest.mark.parametrize("wiring", ["paper", "official"])
 def test_kv_cached_decoding_equals_full_recompute(wiring):
     cfg = LlamaConfig.from_name("tiny")
     acfg = fresh_adapter("tiny") if wiring == "paper" else AdapterConfig.official(cfg, lora_rank=4)
-    torch.manual_seed(0)
-    model = LlamaAdapter(cfg, acfg).eval()
+    model = trained_looking(cfg, acfg)
     with torch.no_grad():
-        for p in model.parameters():  # a trained-looking adapter: every path active
-            if p.dim() <= 1 or p.shape[-1] == 1:
-                p.add_(torch.randn_like(p) * 0.1)
         encoder_dim = acfg.encoder_dim
         visual = model.encode_image(features=torch.randn(1, 5, encoder_dim))
         ids = torch.randint(0, 320, (1, 20))
@@ -228,12 +235,7 @@ def test_compiled_decoding_equals_eager_from_one_graph():
 
     cfg = LlamaConfig.from_name("tiny")
     acfg = AdapterConfig.official(cfg, lora_rank=4)
-    torch.manual_seed(0)
-    model = LlamaAdapter(cfg, acfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # a trained-looking adapter: every path active
-            if p.dim() <= 1 or p.shape[-1] == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+    model = trained_looking(cfg, acfg)
 
     def decode(visual: torch.Tensor) -> torch.Tensor:
         cache = model.new_cache(1)
