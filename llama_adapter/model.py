@@ -519,12 +519,26 @@ class LlamaAdapter(nn.Module):
             h = layer(h, freqs, mask, prompts[i], cache, i)
         if cache is not None:
             cache.advance(s)
-            cache.prompts_ready = True
+            if not cache.prompts_ready:
+                self._cache_absent_visual_prompts(cache)
+                cache.prompts_ready = True
         if last_only:
             h = h[:, -1:]
         elif logits_at is not None:
             h = h[logits_at]
         return self.output(self.norm(h))
+
+    def _cache_absent_visual_prompts(self, cache: KVCache) -> None:
+        """Zero keys and values for the layers that only an image prompts, when there is none.
+        They add exactly nothing (uniform weights on zero values), and keep a decode step the same
+        graph with and without an image."""
+        for i in self.visual_layers:
+            if cache.prompt_kv[i] is None:
+                b, _, _, d = cache.shape
+                shape = (b, self.config.n_heads, self.adapter_config.prompt_len, d)
+                keys = torch.zeros(shape, device=cache.device, dtype=cache.dtype)
+                # Not the same tensor twice: the compiled step's guards tell aliased inputs apart.
+                cache.prompt_kv[i] = (keys, torch.zeros_like(keys))
 
     def decode_step(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, 1, vocab] of one new token per row, from its embedding ``h`` [B, 1, dim] at
@@ -541,7 +555,7 @@ class LlamaAdapter(nn.Module):
         """Replace :meth:`decode_step` by its ``torch.compile`` version (inductor; on CPU with the
         C++ wrapper, which removes the per-kernel Python overhead that dominates one-token steps)
         and compile it now, with the cache length dynamic so that one graph serves every length.
-        Costs ~1-2 min of compiling on a small CPU the first time, seconds afterwards (inductor
+        Costs ~1-3 min of compiling on a small CPU the first time, seconds afterwards (inductor
         caches on disk). A batch of another size compiles once more. Prefill stays eager."""
         if self.training:
             raise ValueError("compile_decoding is for inference: call model.eval() first")

@@ -227,17 +227,19 @@ def test_public_api_exports():
     assert callable(llama_adapter.load) and llama_adapter.Pipeline and llama_adapter.AdapterConfig
 
 
-def test_compiled_decoding_equals_eager_from_one_graph():
-    """compile_decoding: the same logits as eager decoding through adapter prompts, a visual prompt,
-    LoRA, cache growth (64 → 128 → 256 positions) and a truncated cache (chat reuse), all from one
-    compiled graph."""
+@pytest.mark.parametrize("wiring", ["official", "paper"])
+def test_compiled_decoding_equals_eager_from_one_graph(wiring):
+    """compile_decoding: the same logits as eager decoding through adapter prompts, with and
+    without an image (in the paper wiring the early layers have a prompt only with one), LoRA,
+    cache growth (64 → 128 → 256 positions) and a truncated cache (chat reuse), all from the one
+    graph compiled up front."""
     from torch._dynamo.utils import counters
 
     cfg = LlamaConfig.from_name("tiny")
-    acfg = AdapterConfig.official(cfg, lora_rank=4)
+    acfg = fresh_adapter("tiny") if wiring == "paper" else AdapterConfig.official(cfg, lora_rank=4)
     model = trained_looking(cfg, acfg)
 
-    def decode(visual: torch.Tensor) -> torch.Tensor:
+    def decode(visual: torch.Tensor | None) -> torch.Tensor:
         cache = model.new_cache(1)
         logits = [model(ids[:, :10], visual_prompt=visual, cache=cache)]
         logits += [model(ids[:, i : i + 1], cache=cache) for i in range(10, 150)]
@@ -249,9 +251,11 @@ def test_compiled_decoding_equals_eager_from_one_graph():
     with torch.inference_mode():  # as generation runs (the compiled step is specialised to it)
         ids = torch.randint(0, 320, (1, 200))
         visual = model.encode_image(features=torch.randn(1, 5, acfg.encoder_dim))
-        eager = decode(visual)
-        graphs = counters["stats"]["unique_graphs"]
+        eager = [decode(visual), decode(None)]
+        before = counters["stats"]["unique_graphs"]
         model.compile_decoding()
-        compiled = decode(visual)
-    assert counters["stats"]["unique_graphs"] - graphs == 1
-    assert torch.allclose(compiled, eager, atol=1e-4, rtol=0)
+        assert counters["stats"]["unique_graphs"] - before == 1
+        compiled = [decode(visual), decode(None)]
+    assert counters["stats"]["unique_graphs"] - before == 1
+    for c, e in zip(compiled, eager):
+        assert torch.allclose(c, e, atol=1e-4, rtol=0)
