@@ -731,7 +731,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--compile",
         action="store_true",
         default=env("LLAMA_ADAPTER_COMPILE", "").lower() in ("1", "true", "yes"),
-        help="compile the decode step before serving: faster answers, 1-2 min at the first start "
+        help="compile the decode step before serving: faster answers, 1-3 min at the first start "
         "(env LLAMA_ADAPTER_COMPILE=1)",
     )
     p.add_argument(

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--adapter", help="adapter: BIAS-7B, LORA-BIAS-7B, LORA-BIAS-7B-v21, or a file path")
     model.add_argument("--quantize", choices=["int8"], help="store base weights in 8 bits")
     model.add_argument(
-        "--compile", action="store_true", help="compile the decode step first (faster answers; 1-2 min once)"
+        "--compile", action="store_true", help="compile the decode step first (faster answers; 1-3 min once)"
     )
     model.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default: cpu)")
     model.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on GPU")

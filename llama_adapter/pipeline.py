@@ -88,7 +88,7 @@ def load(
     our adapters name their base, so ``base`` may be left out. ``quantize="int8"`` stores the
     base's linear weights in 8 bits (bitsandbytes on CUDA, weight-only int8 on CPU).
     ``compile=True`` compiles the one-token decode step with ``torch.compile`` before returning:
-    1.1-1.4× faster decoding on CPU (``benchmarks/generate.py``), for 1-2 minutes of compiling
+    1.1-1.4× faster decoding on CPU (``benchmarks/generate.py``), for 1-3 minutes of compiling
     the first time on a small CPU and seconds afterwards (inductor's cache on disk); if it cannot
     compile it warns and decodes eager.
     """
@@ -152,7 +152,7 @@ def _compile_decoding(model: LlamaAdapter) -> bool:
         log.warning("compile=True needs a C++ compiler on CPU (apt install g++); decoding stays eager")
         return False
     started = time.perf_counter()
-    log.info("Compiling the decode step (1-2 min the first time on a small CPU, seconds once cached)")
+    log.info("Compiling the decode step (1-3 min the first time on a small CPU, seconds once cached)")
     try:
         model.compile_decoding()
     except Exception as e:  # inductor's failures are many and version-specific
