@@ -139,7 +139,6 @@ class KVCache:
         self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
         self.write_at = torch.empty(0, dtype=torch.long, device=device)  # buffer positions of the new tokens
         self.length = 0
-        self.padded = False  # whether any cached position is left padding
         self.prompt_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
         self.prompts_ready = False  # prompt_kv is complete: later steps skip building the prompts
 
@@ -174,7 +173,6 @@ class KVCache:
         else:
             self.key_valid[:, self.length : self.length + n] = valid
             self.next_position += valid.sum(1)
-            self.padded = self.padded or not bool(valid.all())
         return self.key_valid
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +192,6 @@ class KVCache:
         with torch.inference_mode():  # the buffers were made in inference mode, by decoding
             self.key_valid[:, length:] = False
         self.next_position = self.key_valid[:, :length].sum(1)
-        self.padded = not bool(self.key_valid[:, :length].all())
 
 
 class Attention(nn.Module):
@@ -532,10 +529,10 @@ class LlamaAdapter(nn.Module):
         """Zero keys and values for the layers that only an image prompts, when there is none.
         They add exactly nothing (uniform weights on zero values), and keep a decode step the same
         graph with and without an image."""
+        b, _, _, d = cache.shape
+        shape = (b, self.config.n_heads, self.adapter_config.prompt_len, d)
         for i in self.visual_layers:
             if cache.prompt_kv[i] is None:
-                b, _, _, d = cache.shape
-                shape = (b, self.config.n_heads, self.adapter_config.prompt_len, d)
                 keys = torch.zeros(shape, device=cache.device, dtype=cache.dtype)
                 # Not the same tensor twice: the compiled step's guards tell aliased inputs apart.
                 cache.prompt_kv[i] = (keys, torch.zeros_like(keys))
@@ -590,14 +587,9 @@ class LlamaAdapter(nn.Module):
             positions = start + torch.arange(s, device=device).expand(b, s)
         else:
             positions = start + (valid.long().cumsum(1) - 1).clamp(min=0)
-        if cache is not None:
-            key_valid = cache.append_valid(s, valid)
-            padded = cache.padded
-        else:
-            key_valid = valid
-            padded = valid is not None and not bool(valid.all())
+        key_valid = cache.append_valid(s, valid) if cache is not None else valid
 
-        if past == 0 and not padded:
+        if past == 0 and (valid is None or bool(valid.all())):
             # Query i attends keys 0..i; the cache's unwritten positions lie beyond every query.
             return positions, AttentionMask(None, is_causal=s > 1 or cache is not None)
         q_pos = torch.arange(past, past + s, device=device).unsqueeze(1)

@@ -119,8 +119,7 @@ def load(
     elif can_pack(device, dtype) and not compile:  # inductor cannot take oneDNN's packed weights
         pack_linears(model)
     model.eval()
-    if compile:
-        compile = _compile_decoding(model)
+    compiled = compile and _compile_decoding(model)
 
     tokenizer = base_weights.tokenizer
     if template is None:
@@ -132,7 +131,7 @@ def load(
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "quantize": quantize,
-        "compiled": compile,
+        "compiled": compiled,
         "template": template,
         "image_encoder": model.adapter_config.image_encoder,
         "load_seconds": round(time.perf_counter() - started, 2),
