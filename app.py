@@ -174,12 +174,120 @@ def sampling(temperature: Any, top_p: Any, max_new_tokens: Any, seed: Any) -> di
     }
 
 
-def upload_path(image: FileData | dict | None, allowed: Sequence[Path] = ()) -> str | None:
+UPLOAD_REQUIRED = (
+    "Upload the image with the request (e.g. gradio_client.handle_file('photo.jpg'), or the upload button): "
+    "this server does not open files or URLs named by a client."
+)
+
+
+def client_may_name(path: str, roots: Sequence[Path], allow_urls: bool = False) -> bool:
+    """Whether a request may name ``path``: a file under one of ``roots`` (Gradio's upload folder, the
+    shipped examples, folders the operator allows), or an http(s) URL when the operator allows those."""
+    if path.startswith(("http://", "https://")):
+        return allow_urls
+    resolved = Path(path).resolve()  # a relative path resolves against the working directory: refused
+    return any(resolved.is_relative_to(root) for root in roots)
+
+
+def client_roots(allowed_dirs: Sequence[str | Path] = ()) -> list[Path]:
+    """Where the files a client may name live: its uploads, Gradio's static paths (the examples), and
+    ``allowed_dirs``."""
+    from gradio.data_classes import _StaticFiles
+
+    roots = [gr.utils.get_upload_folder(), *_StaticFiles.all_paths, *allowed_dirs]
+    return [Path(r).resolve() for r in roots]
+
+
+def named_paths(value: Any) -> Iterator[str]:
+    """The ``path`` of every dict in a request body (how Gradio's ``FileData`` names a file)."""
+    if isinstance(value, dict):
+        if isinstance(value.get("path"), str):
+            yield value["path"]
+        for item in value.values():
+            yield from named_paths(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from named_paths(item)
+
+
+class UploadsOnly:
+    """ASGI middleware on the Gradio server: a call (``/gradio_api/queue/join``, ``/call``, ``/run``, any
+    JSON POST) that names a file the client did not upload is refused before Gradio reads, copies or
+    fetches anything. Gradio itself refuses local paths outside its upload folder, but with no message,
+    and fetches public URLs; this refusal says what to do (status 422, Gradio's validation shape, which
+    ``gradio_client`` raises as a ``ValidationError``) and is logged."""
+
+    MAX_BODY = 64 * 2**20
+    UNINSPECTED = ("/upload", "/process_recording")  # multipart uploads: the way files are meant to arrive
+
+    def __init__(self, app: Any, allowed_dirs: Sequence[str | Path] = (), allow_urls: bool = False) -> None:
+        self.app, self.allowed_dirs, self.allow_urls = app, allowed_dirs, allow_urls
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "POST" or "/gradio_api/" not in path:
+            return await self.app(scope, receive, send)
+        if path.rstrip("/").endswith(self.UNINSPECTED):
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.MAX_BODY:
+                return await self._respond(scope, receive, send, 413, {"detail": "Request body too large."})
+        refused = self._refused(body)
+        if refused:
+            client = scope.get("client") or ("?", 0)
+            log.warning("Refused a request to %s naming %s (not uploaded; from %s)", path, refused, client[0])
+            return await self._respond(scope, receive, send, 422, self._validation_errors(body))
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _refused(self, body: bytes) -> list[str]:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return []  # not JSON: Gradio refuses it on its own
+        roots = client_roots(self.allowed_dirs)
+        return [p for p in named_paths(data) if not client_may_name(p, roots, self.allow_urls)]
+
+    def _validation_errors(self, body: bytes) -> dict[str, Any]:
+        data = json.loads(body)
+        inputs = data.get("data") if isinstance(data, dict) and isinstance(data.get("data"), list) else [data]
+        roots = client_roots(self.allowed_dirs)
+        detail = [
+            {"__type__": "validate", "is_valid": False, "message": UPLOAD_REQUIRED}
+            if any(not client_may_name(p, roots, self.allow_urls) for p in named_paths(value))
+            else {"__type__": "validate", "is_valid": True, "message": ""}
+            for value in inputs
+        ]
+        return {"detail": detail, "error": UPLOAD_REQUIRED}
+
+    @staticmethod
+    async def _respond(scope: dict, receive: Callable, send: Callable, status: int, content: dict) -> None:
+        from starlette.responses import JSONResponse
+
+        await JSONResponse(content, status_code=status)(scope, receive, send)
+
+
+def upload_path(image: FileData | dict | None, allowed_dirs: Sequence[Path] = ()) -> str | None:
     """The server-side path of an uploaded image: Gradio hands it over unprocessed (``preprocess=False``)
     so that a corrupt or huge file reaches ``open_image`` and gets a plain answer instead of a crash.
 
-    Only files in Gradio's upload folder or in ``allowed`` folders (the examples) are read: a client
-    could otherwise name any path on the server, e.g. ``{"path": "/etc/passwd"}``."""
+    The door is :class:`UploadsOnly`, which refuses a request naming any other file before Gradio
+    touches it; this check repeats its rule for calls that did not come through it (the app launched
+    some other way, or called in-process)."""
     if image is None:
         return None
     if isinstance(image, FileData):
@@ -188,15 +296,9 @@ def upload_path(image: FileData | dict | None, allowed: Sequence[Path] = ()) -> 
         path = image["path"]
     else:
         raise gr.Error("Send the image as a file, e.g. gradio_client.handle_file('photo.jpg').", print_exception=False)
-    resolved = Path(path).resolve()
-    roots = [Path(gr.utils.get_upload_folder()).resolve(), *(Path(a).resolve() for a in allowed)]
-    if not any(resolved.is_relative_to(root) for root in roots):
+    if not client_may_name(path, client_roots(allowed_dirs)):
         log.warning("Refused an image path outside the upload folder: %r", path)
-        raise gr.Error(
-            "The image must be uploaded with the request (e.g. gradio_client.handle_file('photo.jpg')); "
-            "paths on the server are not accepted.",
-            print_exception=False,
-        )
+        raise gr.Error(UPLOAD_REQUIRED, print_exception=False)
     return path
 
 
@@ -250,14 +352,15 @@ def build_demo(
     registry: Registry | None = None,
     examples_dir: Path = EXAMPLES_DIR,
     queue_size: int = QUEUE_SIZE,
+    allowed_dirs: Sequence[Path] = (),
 ) -> gr.Blocks:
     """The whole app around one loaded pipeline; ``registry`` chooses the experts (default: all installed).
-    The pipeline's ``limits`` are the app's; ``queue_size`` requests may wait, more are turned away."""
+    The pipeline's ``limits`` are the app's; ``queue_size`` requests may wait, more are turned away.
+    Clients may name files in their uploads, the examples and ``allowed_dirs`` only (see :class:`UploadsOnly`)."""
     registry = registry or default_registry()
     image_examples = load_examples(examples_dir)
     if image_examples:
         gr.set_static_paths([examples_dir])
-    examples = [examples_dir] if image_examples else []
     most_tokens = pipe.limits.max_new_tokens or MAX_NEW_TOKENS
     model = {"concurrency_id": "model", "concurrency_limit": 1}  # one generation at a time, every tab and API
     instant = {"queue": False, "api_visibility": "private"}
@@ -353,7 +456,7 @@ def build_demo(
 
     def image_set(image: FileData | dict | None, conv: Conversation | None) -> tuple[Any, ...]:
         conv = conv or new_image_chat()
-        path = upload_path(image, examples)
+        path = upload_path(image, allowed_dirs)
         if path is not None and path == conv.upload:
             # Gradio's image fires a second change when a bad file replaces a good one: one warning is enough.
             return (gr.skip(),) * 5
@@ -477,7 +580,7 @@ def build_demo(
         try:
             result = describe(
                 pipe,
-                upload_path(image, examples),
+                upload_path(image, allowed_dirs),
                 instruction,
                 experts or (),
                 registry=registry,
@@ -504,7 +607,8 @@ def build_demo(
         params = sampling(temperature, top_p, max_new_tokens, seed)
         params["seed"] = 0 if params["seed"] is None else params["seed"]  # both answers need the same seed
         try:
-            result = compare(pipe, instruction, upload_path(image, examples), [experts], registry=registry, **params)
+            path = upload_path(image, allowed_dirs)
+            result = compare(pipe, instruction, path, [experts], registry=registry, **params)
         except (LlamaAdapterError, KeyError) as e:
             raise gr.Error(plain(e), print_exception=False) from e
         return result.to_dict()
@@ -702,13 +806,26 @@ def build_demo(
     return demo
 
 
-def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None, **kwargs: Any) -> Any:
-    """``demo.launch`` with the app's theme and upload limit (Gradio 6 takes the theme here, not in Blocks)."""
+def launch(
+    demo: gr.Blocks,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    allowed_dirs: Sequence[Path] = (),
+    allow_urls: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """``demo.launch`` with the app's theme, upload limit and :class:`UploadsOnly` door (Gradio 6 takes
+    the theme here, not in Blocks)."""
+    from starlette.middleware import Middleware
+
+    door = Middleware(UploadsOnly, allowed_dirs=allowed_dirs, allow_urls=allow_urls)
     return demo.launch(
         server_name=host,
         server_port=port,
         theme=gr.themes.Soft(primary_hue="indigo"),
         max_file_size=MAX_FILE_SIZE,
+        app_kwargs={"middleware": [door]},
         **kwargs,
     )
 
@@ -748,6 +865,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--port", type=int, default=int(env("GRADIO_SERVER_PORT") or 7860), help="default 7860 (env GRADIO_SERVER_PORT)"
     )
     p.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
+    p.add_argument(
+        "--allow-local-dir",
+        action="append",
+        type=Path,
+        default=[Path(d) for d in (env("LLAMA_ADAPTER_ALLOW_LOCAL_DIRS") or "").split(os.pathsep) if d],
+        help="a server folder whose files clients may name instead of uploading them; repeatable "
+        f"(env LLAMA_ADAPTER_ALLOW_LOCAL_DIRS, separated by {os.pathsep!r}). Default: none, uploads only",
+    )
+    p.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        default=env("LLAMA_ADAPTER_ALLOW_REMOTE_IMAGES", "").lower() in ("1", "true", "yes"),
+        help="let clients name http(s) image URLs for the server to fetch (env LLAMA_ADAPTER_ALLOW_REMOTE_IMAGES=1). "
+        "Default: refused",
+    )
     limits = p.add_argument_group("limits", "what a request may ask, and how many may wait: beyond, a plain refusal")
     for flag, default, text in (
         ("max-image-pixels", Limits.max_image_pixels, "width × height of an image"),
@@ -802,7 +934,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("Could not load the model: %s", e)
         return 2
     log.info("Loaded in %.1f s: %s; %s, queue of %d", pipe.info["load_seconds"], pipe.info, limits, args.queue_size)
-    launch(build_demo(pipe, queue_size=args.queue_size), host=args.host, port=args.port, share=args.share)
+    launch(
+        build_demo(pipe, queue_size=args.queue_size, allowed_dirs=args.allow_local_dir),
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        allowed_dirs=args.allow_local_dir,
+        allow_urls=args.allow_remote_images,
+    )
     return 0
 
 

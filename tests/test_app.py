@@ -278,7 +278,8 @@ def test_main_loads_once_and_launches(monkeypatch, served):
     expected = {"device": "cpu", "dtype": None, "quantize": "int8", "compile": True, "limits": limits}
     assert loads == [((None, "mine.safetensors"), expected)]
     [(demo, kwargs)] = launches
-    assert isinstance(demo, gr.Blocks) and kwargs == {"host": None, "port": 9001, "share": False}
+    door = {"allowed_dirs": [], "allow_urls": False}
+    assert isinstance(demo, gr.Blocks) and kwargs == {"host": None, "port": 9001, "share": False, **door}
 
 
 def test_main_says_why_the_model_did_not_load(monkeypatch, caplog):

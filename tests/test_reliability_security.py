@@ -8,6 +8,7 @@ import ast
 import dataclasses
 import inspect
 import logging
+import os
 from pathlib import Path
 
 import gradio as gr
@@ -168,7 +169,7 @@ def test_only_uploaded_and_example_files_are_opened(uploads, tmp_path):
         str(examples / "a.png"),  # examples only when the app has them
         str(tmp_path / "uploads-evil" / "x.png"),  # a neighbour whose name starts the same
     ):
-        with pytest.raises(gr.Error, match="must be uploaded with the request"):
+        with pytest.raises(gr.Error, match="Upload the image with the request"):
             app.upload_path({"path": outside})
     for malformed in ("/etc/passwd", {"path": 7}, {"url": "http://x"}, ["/etc/passwd"]):
         with pytest.raises(gr.Error, match="Send the image as a file"):
@@ -249,3 +250,24 @@ def test_the_app_uses_its_limits(tiny_pipe):
     sliders = [b for b in demo.blocks.values() if getattr(b, "elem_id", "") in ("chat-max-tokens", "image-max-tokens")]
     assert len(sliders) == 2 and all(s.maximum == 64 for s in sliders)
     assert demo._queue.max_size == 3 and "queue of up to 3" in app.header_markdown(pipe, 3)
+
+
+def test_operators_widen_what_clients_may_name(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "a.png").write_bytes(b"x")
+    roots = app.client_roots([shared])
+    assert app.client_may_name(str(shared / "a.png"), roots)
+    assert not app.client_may_name(str(tmp_path / "a.png"), roots)
+    assert not app.client_may_name("a.png", roots)  # relative: against the working directory, refused
+    assert not app.client_may_name("https://example.com/a.png", roots)
+    assert app.client_may_name("https://example.com/a.png", roots, allow_urls=True)
+    monkeypatch.setenv("LLAMA_ADAPTER_ALLOW_LOCAL_DIRS", f"{shared}{os.pathsep}/srv/more")
+    monkeypatch.setenv("LLAMA_ADAPTER_ALLOW_REMOTE_IMAGES", "1")
+    args = app.parse_args(["--allow-local-dir", "/srv/third"])
+    assert args.allow_local_dir == [shared, Path("/srv/more"), Path("/srv/third")]
+    assert args.allow_remote_images
+    monkeypatch.delenv("LLAMA_ADAPTER_ALLOW_LOCAL_DIRS")
+    monkeypatch.delenv("LLAMA_ADAPTER_ALLOW_REMOTE_IMAGES")
+    defaults = app.parse_args([])
+    assert defaults.allow_local_dir == [] and not defaults.allow_remote_images
