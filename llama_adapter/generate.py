@@ -87,34 +87,69 @@ def sample_next(
 
 class TextStream:
     """Turns one row's tokens into text pieces: holds back incomplete UTF-8 and anything that
-    could be the start of a stop string, and cuts the text at the first stop string."""
+    could be the start of a stop string, and cuts the text at the first stop string.
+
+    Decoding is incremental, as in text-generation-inference: each token decodes only the few ids
+    since the text was last complete (decoding them with the id before keeps SentencePiece's word
+    boundaries right), so an answer of n tokens costs O(n), not O(n²) from decoding every id again.
+    """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]) -> None:
         self.tokenizer, self.stop = tokenizer, stop
         self.ids: list[int] = []
         self.text = ""  # emitted so far
+        self.decoded = ""  # the text of ids[:read_at], complete characters only
+        self.prefix_at = self.read_at = 0  # ids[prefix_at:read_at] is the context decoded again with new ids
         self.stopped = False
+        self._longest_stop = max((len(s) for s in stop), default=0)
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        full = self.tokenizer.decode(self.ids)
-        for s in self.stop:
-            cut = full.find(s)
-            if cut >= 0:
-                self.stopped = True
-                return self._emit(full[:cut])
-        if full.endswith("\ufffd"):
+        if self.stopped:
             return ""
-        hold = max((k for s in self.stop for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
-        return self._emit(full[: len(full) - hold])
+        searched = len(self.decoded)
+        if not self._read(final=False):
+            return ""
+        cut = self._stop_at(searched)
+        if cut is not None:
+            self.stopped = True
+            return self._emit(self.decoded[:cut])
+        hold = max(
+            (k for s in self.stop for k in range(1, len(s)) if self.decoded.endswith(s[:k])),
+            default=0,
+        )
+        return self._emit(self.decoded[: len(self.decoded) - hold])
 
     def finish(self) -> str:
         if self.stopped:
             return ""
-        return self._emit(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+        searched = len(self.decoded)
+        self._read(final=True)
+        cut = self._stop_at(searched)
+        return self._emit(self.decoded if cut is None else self.decoded[:cut])
+
+    def _read(self, *, final: bool) -> bool:
+        """Decode the ids since the last complete text; returns whether new text was added."""
+        window = self.tokenizer.decode(self.ids[self.prefix_at :])
+        if final:
+            window = window.rstrip("\ufffd")
+        elif window.endswith("\ufffd"):
+            return False  # half a character: wait for the rest of its bytes
+        context = self.tokenizer.decode(self.ids[self.prefix_at : self.read_at])
+        if len(window) <= len(context):
+            return False
+        self.decoded += window[len(context) :]
+        self.prefix_at, self.read_at = self.read_at, len(self.ids)
+        return True
+
+    def _stop_at(self, searched: int) -> int | None:
+        """Where the earliest stop string starts, looking only where the new text could complete one."""
+        start = max(0, searched - self._longest_stop + 1)
+        found = [i for i in (self.decoded.find(s, start) for s in self.stop) if i >= 0]
+        return min(found) if found else None
 
     def _emit(self, upto: str) -> str:
-        if len(upto) <= len(self.text) or not upto.startswith(self.text):
+        if len(upto) <= len(self.text):
             return ""
         piece, self.text = upto[len(self.text) :], upto
         return piece

@@ -159,6 +159,51 @@ def test_text_stream_holds_back_partial_stop_strings(smol):
     assert out == "Hello there ## and " and stream.stopped
 
 
+class CountingTokenizer:
+    """Wraps a tokenizer and records how many ids each ``decode`` call gets."""
+
+    def __init__(self, tokenizer) -> None:
+        self.inner, self.decoded_lengths = tokenizer, []
+
+    def decode(self, ids: list[int]) -> str:
+        self.decoded_lengths.append(len(ids))
+        return self.inner.decode(ids)
+
+
+def reference_stream(tokenizer, ids: list[int], stop: tuple[str, ...]) -> str:
+    """What a stream must produce, computed the plain way: the whole text, cut at its first stop string."""
+    text = tokenizer.decode(ids).rstrip("\ufffd")
+    cuts = [text.find(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+STREAM_TEXTS = [
+    "Hello there ## and ### more",
+    "Naïve café: 東京 🌸🌸 and emoji 👩‍💻 end.",
+    "A long answer. " * 40,
+    "Stop right here END and not after END.",
+    "Ends with a partial stop ##",
+]
+
+
+@pytest.mark.parametrize("stop", [(), ("###",), ("END", "###"), ("\n\n",)])
+def test_text_stream_pieces_equal_the_whole_decode_and_each_step_decodes_few_ids(smol, tiny_pipe, stop):
+    for tokenizer in (smol.tokenizer, tiny_pipe.tokenizer):
+        for text in STREAM_TEXTS:
+            ids = tokenizer.encode(text, bos=False)
+            counting = CountingTokenizer(tokenizer)
+            stream = TextStream(counting, stop)
+            pieces = []
+            for t in ids:
+                pieces.append(stream.push(t))
+                if stream.stopped:
+                    break
+            pieces.append(stream.finish())
+            assert "".join(pieces) == stream.text == reference_stream(tokenizer, stream.ids, stop)
+            # Linear work: no decode call sees more than a handful of ids, however long the answer.
+            assert max(counting.decoded_lengths) <= 8, (text, max(counting.decoded_lengths))
+
+
 def test_alpaca_template_is_the_official_text():
     assert format_alpaca("Describe.") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the "
