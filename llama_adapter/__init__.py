@@ -3,13 +3,17 @@
 >>> import llama_adapter
 >>> pipe = llama_adapter.load()                       # the shipped demo model, offline
 >>> pipe.generate("What shape is this?", image="assets/examples/circle.png")
+>>> tiny = llama_adapter.load("tiny")                 # random weights, for tests and quick tries
+
+Models are built in :mod:`llama_adapter.build`; :mod:`llama_adapter.pipeline` serves them.
 """
 
+from .build import load
 from .config import AdapterConfig, LlamaConfig
 from .errors import CheckpointError, InputError, LlamaAdapterError
 from .generate import Sampling
 from .model import LlamaAdapter, count_parameters, parameter_groups, set_trainable, trainable_parameters
-from .pipeline import ChatSession, Pipeline, load
+from .pipeline import ChatSession, Pipeline
 from .prompts import format_alpaca
 
 __all__ = [

@@ -11,8 +11,9 @@ import logging
 import sys
 from typing import Any
 
+from .build import load
 from .errors import LlamaAdapterError
-from .pipeline import ChatSession, Pipeline, load
+from .pipeline import ChatSession, Pipeline
 
 
 def build_parser() -> argparse.ArgumentParser:

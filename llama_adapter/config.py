@@ -132,6 +132,8 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
         LlamaConfig("tiny-tied", 320, 48, 3, 4, 4, 128, tie_embeddings=True, max_seq_len=256),
     )
 }
+TINY_BASES = tuple(name for name in LLAMA_PRESETS if name.startswith("tiny"))
+"""Presets that :func:`llama_adapter.tiny.random_base` fills with random weights (no download)."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,11 @@ class AdapterConfig:
         if unknown:
             raise ValueError(f"Unknown adapter config fields: {sorted(unknown)}")
         return cls(**d)
+
+
+def plain_adapter_config() -> AdapterConfig:
+    """No adapter at all: the model computes exactly the base LLaMA."""
+    return AdapterConfig(adapter_layers=0, visual_layers=0, bias_targets=(), scale=False, image_encoder=None)
 
 
 @dataclass(frozen=True)

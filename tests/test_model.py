@@ -7,9 +7,9 @@ import torch
 from conftest import random_hf_model, write_hf_dir, write_meta_dir
 
 import llama_adapter
-from llama_adapter.config import AdapterConfig, LlamaConfig
+from llama_adapter.build import build_model
+from llama_adapter.config import AdapterConfig, LlamaConfig, plain_adapter_config
 from llama_adapter.model import LlamaAdapter, adapter_state_dict, count_parameters, parameter_groups, set_trainable
-from llama_adapter.pipeline import build_model, plain_adapter_config
 from llama_adapter.weights import load_base
 
 

@@ -235,7 +235,7 @@ def no_space(path: Any) -> OSError:
 
 
 def test_a_disk_that_fills_up_while_converting_leaves_nothing_half_written(tmp_path, monkeypatch):
-    from train.tiny import random_base
+    from llama_adapter.tiny import random_base
 
     monkeypatch.setenv("LLAMA_ADAPTER_CACHE", str(tmp_path))
     monkeypatch.setattr(weights_module, "_fetch_smollm2_gguf", lambda: tmp_path / "model.gguf")

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from llama_adapter.tiny import random_base
 from train import Trainer
 from train.evaluate import (
     evaluate_perplexity,
@@ -20,7 +21,6 @@ from train.evaluate import (
     write_mme_answers,
 )
 from train.synthetic import draw_shape
-from train.tiny import random_base
 
 
 @pytest.fixture(autouse=True)

@@ -15,11 +15,11 @@ from safetensors.torch import save_file
 
 import llama_adapter
 from llama_adapter import weights
+from llama_adapter.build import build_model, load_adapter_into
 from llama_adapter.config import AdapterConfig, LlamaConfig
 from llama_adapter.errors import CheckpointError
 from llama_adapter.images import image_to_tensor
 from llama_adapter.model import LlamaAdapter, adapter_state_dict
-from llama_adapter.pipeline import build_model, load_adapter_into
 from llama_adapter.weights import (
     load_adapter,
     load_base,

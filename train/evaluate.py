@@ -25,12 +25,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from llama_adapter.pipeline import Pipeline, build_model, load
+from llama_adapter.build import build_pipeline, load
+from llama_adapter.config import TINY_BASES
+from llama_adapter.pipeline import Pipeline
+from llama_adapter.tiny import random_base
 from llama_adapter.weights import read_adapter, read_adapter_metadata
 
 from .config import DataConfig, SourceConfig, TrainConfig
 from .data import IGNORE, Collate, ImageTransform, PromptEncoder, TrainingData, conversation_messages, load_source
-from .tiny import TINY_BASES, random_base
 
 log = logging.getLogger(__name__)
 
@@ -99,25 +101,22 @@ def vqa_score(prediction: str, answers: list[str]) -> float:
 
 
 def load_pipeline(base: str | None, adapter: str | None, *, device: str = "cpu", dtype: str | None = None) -> Pipeline:
-    """A :class:`Pipeline` for an adapter; also for adapters trained on the random tiny bases."""
+    """A :class:`Pipeline` for an adapter; also for adapters trained on the random tiny bases (with
+    the base seed, and the random encoder, of their training)."""
     base = base or (read_adapter_metadata(Path(adapter)).get("base") if adapter else None)
     if base not in TINY_BASES:
         return load(base, adapter, device=device, dtype=dtype)
     weights = read_adapter(Path(adapter)) if adapter else None
-    meta = weights.metadata if weights else {}
-    training = meta.get("training", {})
+    training = weights.metadata.get("training", {}) if weights else {}
     tiny = random_base(base, training.get("base_seed", 0))
     with torch.random.fork_rng(devices=[]):
         # The trainer builds under its seed: a random-init encoder comes out the same here.
         torch.manual_seed(training.get("seed", 0))
-        model = build_model(tiny, weights, pretrained_encoder=training.get("pretrained_encoder", True))
-    return Pipeline(
-        model.to(device).eval(),
-        tiny.tokenizer,
-        template=meta.get("prompt_template", "alpaca"),
-        info={"base": base},
-        system_prompt=meta.get("system_prompt"),
-    )
+        pipe = build_pipeline(
+            tiny, weights, device=device, dtype=dtype, pretrained_encoder=training.get("pretrained_encoder", True)
+        )
+    pipe.info["base"] = base
+    return pipe
 
 
 # -- VQA ----------------------------------------------------------------------------------------------

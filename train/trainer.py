@@ -28,10 +28,11 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from llama_adapter.config import IMAGE_ENCODERS, AdapterConfig
+from llama_adapter.build import DTYPES, build_model, default_template, parse_dtype
+from llama_adapter.config import IMAGE_ENCODERS, TINY_BASES, AdapterConfig
 from llama_adapter.errors import CheckpointError
 from llama_adapter.model import LlamaAdapter, adapter_state_dict, parameter_groups, set_trainable
-from llama_adapter.pipeline import build_model
+from llama_adapter.tiny import random_base
 from llama_adapter.weights import load_adapter, load_base, read_adapter, save_adapter
 
 from .checkpoint import (
@@ -51,7 +52,6 @@ from .config import GROUPS, TrainConfig, as_config, load_config
 from .data import IGNORE, SKIP_REASONS, Batch, Collate, ImageTransform, PromptEncoder, TrainingData, load_sources
 from .metrics import MetricsWriter
 from .sampler import DataPlan, StepBatches
-from .tiny import TINY_BASES, random_base
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +148,11 @@ class Trainer:
         if init is not None and cfg.model.adapter:
             log.warning("model.adapter is ignored: the adapter settings come from %s", cfg.model.init_adapter)
         self.adapter_config = init.config if init is not None else build_adapter_config(cfg, self.base.config)
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         if cfg.model.base_dtype == "auto":
             # A frozen base in the autocast dtype halves its memory; the adapter stays float32.
-            dtype = dtypes.get(acc.mixed_precision, torch.float32) if acc.device.type == "cuda" else torch.float32
+            dtype = DTYPES.get(acc.mixed_precision, torch.float32) if acc.device.type == "cuda" else torch.float32
         else:
-            dtype = dtypes[cfg.model.base_dtype]
+            dtype = parse_dtype(cfg.model.base_dtype)
         self.model: LlamaAdapter = build_model(
             self.base,
             init,
@@ -164,10 +163,7 @@ class Trainer:
         )
         self.tokenizer = self.base.tokenizer
         template = cfg.model.template
-        if template == "auto":
-            has_chat = self.tokenizer.apply_chat_template([{"role": "user", "content": "x"}]) is not None
-            template = "chat" if has_chat and self.adapter_config.wiring != "official" else "alpaca"
-        self.template = template
+        self.template = template if template != "auto" else default_template(self.adapter_config, self.tokenizer)
         set_trainable(self.model, "joint" if cfg.stage == "all" else cfg.stage)
         groups = parameter_groups(self.model)
         self.group_params = {g: groups[g] for g in GROUPS if cfg.stage in (g, "joint", "all")}

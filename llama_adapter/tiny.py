@@ -1,21 +1,20 @@
-"""Random-init tiny bases (``tiny``, ``tiny-tied`` presets) with a byte tokenizer: the whole
-training stack runs on them in seconds, for tests and the CPU example, with no download."""
+"""Random-init tiny bases (``tiny``, ``tiny-tied`` presets) with a byte tokenizer, for tests and
+quick tries: ``llama_adapter.load("tiny")`` and the whole training stack run on them in seconds,
+with no download."""
 
 from __future__ import annotations
 
 import torch
 
-from llama_adapter.config import LLAMA_PRESETS, LlamaConfig
-from llama_adapter.model import LlamaAdapter
-from llama_adapter.pipeline import plain_adapter_config
-from llama_adapter.tokenizer import Tokenizer
-from llama_adapter.weights import BaseWeights, base_fingerprint
-
-TINY_BASES = tuple(name for name in LLAMA_PRESETS if name.startswith("tiny"))
+from .config import LlamaConfig, plain_adapter_config
+from .model import LlamaAdapter
+from .tokenizer import Tokenizer
+from .weights import BaseWeights, base_fingerprint
 
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes shifted by 3: 0 = pad, 1 = BOS, 2 = EOS (259 ids, within the tiny vocab of 320)."""
+    """UTF-8 bytes shifted by 3: 0 = pad, 1 = BOS, 2 = EOS (259 ids, within the tiny vocab of 320;
+    a random model's ids beyond them decode to nothing)."""
 
     offset = 3
 
@@ -30,7 +29,9 @@ class ByteTokenizer(Tokenizer):
         return [self.bos_id, *ids] if bos else ids
 
     def decode(self, ids: list[int]) -> str:
-        return bytes(i - self.offset for i in ids if i >= self.offset).decode("utf-8", errors="replace")
+        return bytes(i - self.offset for i in ids if self.offset <= i < self.vocab_size).decode(
+            "utf-8", errors="replace"
+        )
 
 
 def random_base(name: str, seed: int = 0) -> BaseWeights:
