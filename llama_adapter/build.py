@@ -38,6 +38,10 @@ DTYPES = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
+ADAPTER_DTYPE = torch.float32
+"""Adapter tensors and every other trainable tensor (norms, biases, scales, gates, LoRA, the
+visual branch) keep this precision whatever the base file holds, as the released code does
+(it casts them to float32): trained values stay exact, and training updates them in full precision."""
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -80,8 +84,8 @@ def build_model(
     pretrained_encoder: bool = True,
 ) -> LlamaAdapter:
     """The unfused, trainable model: built on the meta device, base tensors assigned without
-    copies, the rest initialised as a fresh adapter, then the adapter file read key-exactly
-    (``adapter_config`` is used when there is no file) and dtypes set by :func:`set_dtypes`."""
+    copies, the rest initialised as a fresh adapter, dtypes set by :func:`set_dtypes`, then the
+    adapter file read key-exactly (``adapter_config`` is used when there is no file)."""
     acfg = adapter.config if adapter is not None else adapter_config or plain_adapter_config()
     with torch.device("meta"):
         model = LlamaAdapter(base.config, acfg)
@@ -93,21 +97,26 @@ def build_model(
     check_keys(expected_base, base.state_dict, f"Base model {base.source}")
     model.load_state_dict(base.state_dict, strict=False, assign=True)
     model.materialize("cpu")
-    if adapter is not None:
-        load_adapter_into(model, adapter)
     if acfg.image_encoder is not None:
         model.image_encoder = build_image_encoder(
             acfg.image_encoder, pretrained=pretrained_encoder, clip_weights=clip_weights
         )
+    # Before the adapter is read: its tensors are copied into the model's, which must already
+    # hold its precision (a norm that came in with a float16 base file would round it).
     set_dtypes(model, dtype)
+    if adapter is not None:
+        load_adapter_into(model, adapter)
     return model.to(device)
 
 
 def set_dtypes(model: LlamaAdapter, dtype: torch.dtype) -> None:
-    """Cast the frozen base (and image encoder) to ``dtype``; adapter tensors stay float32."""
-    for name, param in model.named_parameters():
-        if parameter_group(model, name) is None and param.dtype.is_floating_point:
-            param.data = param.data.to(dtype)
+    """The one rule for dtypes: the frozen base and the image encoder take ``dtype``; every
+    trainable tensor takes :data:`ADAPTER_DTYPE`, also the norms that came with the base file."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.startswith("image_encoder.") and param.dtype.is_floating_point:
+                frozen = parameter_group(model, name) is None
+                param.data = param.data.to(dtype if frozen else ADAPTER_DTYPE)
     if model.image_encoder is not None:
         model.image_encoder.to(dtype)
 
