@@ -101,17 +101,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def image_to_tensor(img: Image.Image, encoder: str, channel_order: str = "RGB") -> torch.Tensor:
     """Resize (shorter side, bicubic), centre-crop and normalise for ``encoder``: a [3, S, S] tensor.
 
-    ``channel_order="BGR"`` swaps red and blue before normalising, as the official checkpoints
-    saw their training images (read with OpenCV).
+    The resize and crop are torchvision's ``Resize(S, bicubic)`` and ``CenterCrop(S)``, CLIP's own
+    preprocessing, which the official checkpoints were trained with: the longer side truncated,
+    the crop centred with round-half-even. ``channel_order="BGR"`` swaps red and blue before
+    normalising, as the official checkpoints saw their training images (read with OpenCV).
     """
+    import torchvision.transforms.functional as TF  # here: seconds to import, and text-only use never needs it
+
     spec = IMAGE_ENCODERS[encoder]
-    size = spec.image_size
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    img = TF.center_crop(TF.resize(img, spec.image_size, TF.InterpolationMode.BICUBIC), spec.image_size)
+    x = TF.to_tensor(img)
     if channel_order == "BGR":
         x = x.flip(0)
     mean = torch.tensor(spec.mean).view(3, 1, 1)

@@ -1,19 +1,24 @@
 """The official checkpoints computed as released: their float32 adapter tensors stay float32 over a
-float16 base file (upstream casts every trainable tensor to float32). Oracles: the adapter file's
-tensors, the same model built from a float32 base file."""
+float16 base file (upstream casts every trainable tensor to float32), and images are preprocessed
+with CLIP's own transform. Oracles: the adapter file's tensors, the same model built from a float32
+base file, torchvision's and open_clip's transforms."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from conftest import random_hf_model, write_meta_dir
+from PIL import Image
 from test_weights import TINY, official_tensors, write_official
 from torch import nn
 
 import llama_adapter
 from llama_adapter import build
 from llama_adapter.build import build_model
-from llama_adapter.config import AdapterConfig
+from llama_adapter.config import IMAGE_ENCODERS, AdapterConfig
+from llama_adapter.images import image_to_tensor
 from llama_adapter.model import parameter_group
 from llama_adapter.weights import load_base, official_to_ours
 
@@ -94,3 +99,26 @@ def test_only_the_frozen_base_takes_the_base_dtype(wiring, meta_bases, no_clip):
     assert torch.equal(model.norm.weight, base.state_dict["norm.weight"].float())
     pipe = llama_adapter.load(base=meta_bases[0], dtype="bf16")
     assert pipe.info["dtypes"] == {"base": "bfloat16", "adapter": "float32", "image_encoder": None}
+
+
+def clip_transform(img: Image.Image) -> torch.Tensor:
+    """CLIP's preprocessing as open_clip builds it for OpenAI's ViT-L/14 (= ``clip.load``'s)."""
+    import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return open_clip.image_transform(224, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)(img)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (479, 641), (225, 1000), (224, 224)], ids=str)
+def test_images_are_cropped_as_clips_transform_does(size):
+    rng = np.random.default_rng(sum(size))
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    spec = IMAGE_ENCODERS["clip-vit-l-14"]
+    cropped = T.CenterCrop(224)(T.Resize(224, interpolation=T.InterpolationMode.BICUBIC)(img))
+    pixels = (T.ToTensor()(cropped) - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
+    assert torch.equal(image_to_tensor(img, "clip-vit-l-14", "RGB"), pixels)
+    # The official checkpoints read their images with OpenCV: CLIP's transform of the BGR image.
+    bgr = Image.fromarray(np.asarray(img)[:, :, ::-1].copy())
+    assert torch.allclose(image_to_tensor(img, "clip-vit-l-14", "BGR"), clip_transform(bgr), atol=1e-6, rtol=0)
+    # EfficientNet (our own models) takes the same resize and crop, with its own normalisation.
+    assert torch.allclose(image_to_tensor(img, "efficientnet-lite0", "RGB"), T.ToTensor()(cropped) * 2 - 1, atol=1e-6)
