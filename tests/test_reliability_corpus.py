@@ -24,7 +24,7 @@ from bad_inputs import (
     sampling_cases,
 )
 from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, ValidationError
 from test_app import Served, serve
 from test_image_chat import visual_pipeline
 
@@ -69,7 +69,7 @@ def attempt(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, Bas
     """(result, None), or (None, the error) for the errors a bad input may get."""
     try:
         return fn(*args, **kwargs), None
-    except (InputError, CheckpointError, AppError) as e:
+    except (InputError, CheckpointError, AppError, ValidationError) as e:
         return None, e
 
 
@@ -293,7 +293,7 @@ def test_a_malformed_history_through_the_api(client, history, message):
 def test_a_server_path_is_never_opened(client, image):
     _, error = attempt(client.predict, image, "What is it?", [], **QUICK, api_name="/describe_image")
     assert error is not None, "the server read a path it was given"
-    assert re.search(r"must be uploaded with the request|Send the image as a file", str(error)), error
+    assert re.search(r"Upload the image with the request|Send the image as a file", str(error)), error
 
 
 def test_no_file_outside_the_uploads_and_examples_is_served(served):
