@@ -11,7 +11,8 @@ from functools import partial
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType
+from accelerate import Accelerator, DistributedDataParallelKwargs, DistributedType, PartialState
+from accelerate.utils import FullyShardedDataParallelPlugin
 
 from llama_adapter import build
 from llama_adapter.config import TINY_BASES, AdapterConfig
@@ -38,6 +39,12 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         step_scheduler_with_optimizer=False,
     )
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        # accelerate turns an FSDP launch into DDP when its processes are CPUs (it shards on
+        # accelerators only); FSDP2 itself shards over gloo, so the launch config is honoured.
+        # Both states, as accelerate sets them for FSDP: AcceleratorState() copies PartialState's.
+        PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # its settings: the launch config's
     if cfg.stage == "joint" and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError(
             "joint training needs steps that leave one parameter group untouched; DeepSpeed's ZeRO "
