@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from accelerate.state import AcceleratorState
+from conftest import random_hf_model, write_hf_dir
 from PIL import Image
 
+import llama_adapter
 from llama_adapter.model import adapter_state_dict, parameter_group
 from llama_adapter.weights import read_adapter
 from train import fit, run, setup
@@ -237,6 +240,29 @@ def test_cli_help_and_print_config(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "stage: pretrain" in printed and "batch_size: 3" in printed
     assert "max_len: 64" in printed and "blr: 0.0002" in printed
+
+
+def test_cli_trains_on_a_hugging_face_llama_folder(tmp_path, tiny_spm, capsys):
+    """``--base PATH`` (over the config's base) trains on a transformers Llama checkpoint, and the
+    adapter loads on it: it answers what it was trained to, which the base alone does not."""
+    base = write_hf_dir(random_hf_model("tiny"), tmp_path / "hf-llama", tiny_spm)
+    sample = {"instruction": "Name the shape.", "output": "A red circle."}
+    (tmp_path / "sample.json").write_text(json.dumps([sample]))
+    config = {
+        "model": {"base": "tiny", "adapter": {"image_encoder": None}},  # --base wins
+        "data": {"sources": [{"path": str(tmp_path / "sample.json")}], "batch_size": 1},
+        "optim": {"epochs": 24, "warmup_epochs": 0, "lr": 3e-2, "min_lr": 3e-2, "weight_decay": 0.0},
+        "checkpoint": {"every_epochs": None},
+        "log": {"report_to": ["none"]},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    cli_main(["finetune", "--config", str(tmp_path / "config.yaml"), "--base", str(base), "--output-dir", str(out)])
+    assert f"Adapter: {out / 'adapter.safetensors'}" in capsys.readouterr().out
+    assert read_adapter(out / "adapter.safetensors").metadata["base"] == str(base)
+    trained = llama_adapter.load(base=base, adapter=out / "adapter.safetensors")
+    assert trained.generate(sample["instruction"], max_new_tokens=12) == sample["output"]
+    assert llama_adapter.load(base=base).generate(sample["instruction"], max_new_tokens=12) != sample["output"]
 
 
 def test_a_step_with_every_row_skipped_leaves_the_weights_alone(tmp_path):
