@@ -39,7 +39,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         step_scheduler_with_optimizer=False,
     )
-    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+    fsdp_launch = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and fsdp_launch:
         # accelerate turns an FSDP launch into DDP when its processes are CPUs (it shards on
         # accelerators only); FSDP2 itself shards over gloo, so the launch config is honoured.
         # Both states, as accelerate sets them for FSDP: AcceleratorState() copies PartialState's.
