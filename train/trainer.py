@@ -194,6 +194,7 @@ def open_metrics(state: TrainState) -> MetricsWriter:
 
 
 def log_window(state: TrainState, window: list[dict[str, Any]], seconds: float, writer: MetricsWriter | None) -> None:
+    """The record of the steps since the last one (counters summed over every process)."""
     counts = global_counts(state.accelerator, state.counts)
     if writer is None:
         return
