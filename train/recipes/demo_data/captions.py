@@ -167,9 +167,9 @@ def build(settings: Settings) -> dict[str, list[tuple[str, str]]]:
     no held-out scene has the pixels of a train scene."""
     captions: dict[str, list[tuple[str, str]]] = {}
     train_scenes: set[str] = set()
+    count = settings.counts
     for split in SPLITS:
         data = load_easy_vqa(split)
-        count = settings.counts
         rows, image_ids = evqa_captions(
             data, split, count[f"captions_easyvqa_{split}"], settings.rng(f"captions-{split}")
         )
