@@ -27,7 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama_adapter.weights import smollm2_dir  # noqa: E402
-from train import Trainer  # noqa: E402
+from train import setup  # noqa: E402
+from train.step import train_step  # noqa: E402
+from train.trainer import data_loader  # noqa: E402
 
 TEXT = " ".join(
     "The adapter learns a small set of prompts, biases and scales while the base model stays frozen.".split() * 60
@@ -46,7 +48,7 @@ def ours(args: argparse.Namespace, workdir: str) -> tuple[Callable[[], None], di
         {"instruction": f"Repeat the text ({i}).", "output": " ".join(words[: int(args.seq * f)] if f < 1 else words)}
         for i, f in enumerate(share)
     ]
-    trainer = Trainer(
+    state = setup(
         {
             "stage": "finetune",
             "output_dir": workdir,
@@ -57,9 +59,9 @@ def ours(args: argparse.Namespace, workdir: str) -> tuple[Callable[[], None], di
             "log": {"report_to": ["none"]},
         }
     )
-    micro = next(iter(trainer.data_loader(0, 1)))
-    trainable = sum(p.numel() for params in trainer.group_params.values() for _, p in params)
-    return (lambda: trainer.train_step([micro])), micro, trainable
+    micro = next(iter(data_loader(state, 0, 1)))
+    trainable = sum(p.numel() for params in state.groups.values() for _, p in params)
+    return (lambda: train_step(state, [micro])), micro, trainable
 
 
 def reference(args: argparse.Namespace, micro) -> tuple[Callable[[], None], int]:

@@ -1,4 +1,4 @@
-"""The demo data generator (train/recipes/demo_data.py) at a small scale: reproducible bytes, disjoint
+"""The demo data generator (train/recipes/demo_data/) at a small scale: reproducible bytes, disjoint
 splits, readable images, and answers that agree with what the images show."""
 
 from __future__ import annotations
@@ -17,9 +17,13 @@ import pytest
 from PIL import Image
 
 from train.recipes import demo_data as dd
+from train.recipes.demo_data.common import COLORS, SHAPES, SPLITS, scaled
+from train.recipes.demo_data.easyvqa import SHORT_SUFFIX, parse_question
+from train.recipes.demo_data.instructions import signature
+from train.recipes.demo_data.ocr import SENTENCE_SUFFIX
 
 SCALE = 0.03
-MODULE = Path(dd.__file__)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def sha(path: Path) -> str:
@@ -57,7 +61,7 @@ def gpt_turns(item: dict) -> list[str]:
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "out"
     paths = dd.generate(root, seed=0, scale=SCALE)
-    assert set(paths) == {f"{k}_{s}" for k in ("captions", "vqa", "ocr", "instructions") for s in dd.SPLITS} | {
+    assert set(paths) == {f"{k}_{s}" for k in ("captions", "vqa", "ocr", "instructions") for s in SPLITS} | {
         "examples",
         "manifest",
     }
@@ -68,14 +72,9 @@ def test_same_seed_same_bytes_in_a_fresh_process(data, tmp_path):
     """A second run in another interpreter, with another hash seed (so set and dict orders that
     depended on string hashes would change), writes identical files, images included."""
     other = tmp_path / "again"
-    code = (
-        "import importlib.util, sys; from pathlib import Path; "
-        f"spec = importlib.util.spec_from_file_location('demo_data_copy', {str(MODULE)!r}); "
-        "m = importlib.util.module_from_spec(spec); sys.modules['demo_data_copy'] = m; spec.loader.exec_module(m); "
-        f"m.generate(Path({str(other)!r}), seed=0, scale={SCALE})"
-    )
+    code = f"from train.recipes import demo_data; demo_data.generate({str(other)!r}, seed=0, scale={SCALE})"
     env = {**os.environ, "PYTHONHASHSEED": "4321"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, cwd=ROOT)
     assert tree(other) == tree(data)
 
 
@@ -98,8 +97,8 @@ def test_manifest_matches_files(data):
         assert manifest["counts"][name] == len(load(data, kind, split)), name
     assert manifest["images"]["count"] == sum(1 for _ in data.rglob("*.png"))
     for kind in ("ocr", "instructions"):
-        for split in dd.SPLITS:
-            assert manifest["counts"][f"{kind}_{split}.json"] == dd.scaled(dd.DEFAULT_COUNTS[f"{kind}_{split}"], SCALE)
+        for split in SPLITS:
+            assert manifest["counts"][f"{kind}_{split}.json"] == scaled(dd.DEFAULT_COUNTS[f"{kind}_{split}"], SCALE)
 
 
 def test_splits_share_no_image(data):
@@ -110,7 +109,7 @@ def test_splits_share_no_image(data):
 
 
 def test_every_image_exists_and_opens(data):
-    for split in dd.SPLITS:
+    for split in SPLITS:
         for rel in images_of(data, split):
             path = data / rel
             assert path.is_file() and not Path(rel).is_absolute(), rel
@@ -124,7 +123,7 @@ def test_every_image_exists_and_opens(data):
 
 
 def test_answers_are_never_empty(data):
-    for split in dd.SPLITS:
+    for split in SPLITS:
         assert all(caption.strip() for _, caption in load(data, "captions", split))
         for kind in ("vqa", "ocr"):
             for item in load(data, kind, split):
@@ -138,14 +137,14 @@ def test_easy_vqa_answers(data):
     import easy_vqa
 
     vocabulary = set(easy_vqa.get_answers())
-    for split in dd.SPLITS:
+    for split in SPLITS:
         items = load(data, "vqa", split)
         assert {item["source"] for item in items} == {"easy-vqa"}
         styles = collections.Counter()
         for item in items:
             assert item["short_answer"] in vocabulary
             question, answer = item["conversations"][0]["value"], item["conversations"][1]["value"]
-            if question.endswith(dd.SHORT_SUFFIX):
+            if question.endswith(SHORT_SUFFIX):
                 styles["short"] += 1
                 assert answer == item["short_answer"]
             else:
@@ -175,27 +174,27 @@ def test_captions_agree_with_easy_vqa_answers_and_pixels(data):
                 if question.startswith("what"):
                     assert answer in words, (url, caption, question, answer)
                 else:
-                    subject = next(w for w in re.findall(r"[a-z]+", question) if w in dd.COLORS or w in dd.SHAPES)
+                    subject = next(w for w in re.findall(r"[a-z]+", question) if w in COLORS or w in SHAPES)
                     present = (answer == "yes") != question.startswith(NEGATED)
                     assert (subject in words) == present, (url, caption, question, answer)
             # Independently of the answers: the shape's pixels have the caption's colour.
             counts = pixel_counts(data / url)
             del counts[tuple(Image.open(data / url).convert("RGB").getpixel((0, 0)))]  # the background
-            (color,) = [c for c in dd.COLORS if c in words]
-            assert counts.most_common(1)[0][0] == dd.COLORS[color], (url, caption)
+            (color,) = [c for c in COLORS if c in words]
+            assert counts.most_common(1)[0][0] == COLORS[color], (url, caption)
 
 
 def test_scene_captions_name_colours_that_are_drawn(data):
-    for split in dd.SPLITS:
+    for split in SPLITS:
         rows = [(url, cap) for url, cap in load(data, "captions", split) if url.startswith("images/scenes/")]
         assert rows
         for url, caption in rows:
             words = re.findall(r"[a-z]+", caption.lower())
-            colors = {w for w in words if w in dd.COLORS}
-            assert colors and any(w.rstrip("s") in dd.SHAPES for w in words), caption
+            colors = {w for w in words if w in COLORS}
+            assert colors and any(w.rstrip("s") in SHAPES for w in words), caption
             pixels = pixel_counts(data / url)
             for color in colors:
-                assert pixels[dd.COLORS[color]] >= 20, (url, caption)
+                assert pixels[COLORS[color]] >= 20, (url, caption)
 
 
 def test_heldout_ocr_answers_are_unseen(data):
@@ -206,12 +205,12 @@ def test_heldout_ocr_answers_are_unseen(data):
 
 def test_ocr_answers_can_be_read_off_the_image_text(data):
     sources = set()
-    for split in dd.SPLITS:
+    for split in SPLITS:
         for item in load(data, "ocr", split):
             sources.add(item["source"])
             assert item["short_answer"] in item["text"].replace("\n", " "), item
             question = item["conversations"][0]["value"]
-            if question.endswith(dd.SENTENCE_SUFFIX):
+            if question.endswith(SENTENCE_SUFFIX):
                 assert item["short_answer"] in item["conversations"][1]["value"]
             else:
                 assert item["conversations"][1]["value"] == item["short_answer"]
@@ -219,7 +218,7 @@ def test_ocr_answers_can_be_read_off_the_image_text(data):
 
 
 def test_receipt_totals_are_the_sums_of_their_items(data):
-    receipts = [item for s in dd.SPLITS for item in load(data, "ocr", s) if item["source"] == "ocr-receipt"]
+    receipts = [item for s in SPLITS for item in load(data, "ocr", s) if item["source"] == "ocr-receipt"]
     assert receipts
     for item in receipts:
         store, *lines, total_line = item["text"].split("\n")
@@ -229,9 +228,9 @@ def test_receipt_totals_are_the_sums_of_their_items(data):
 
 
 def test_instructions_are_correct_and_disjoint(data):
-    splits = {s: load(data, "instructions", s) for s in dd.SPLITS}
-    signatures = {s: [dd.signature(item) for item in items] for s, items in splits.items()}
-    for s in dd.SPLITS:
+    splits = {s: load(data, "instructions", s) for s in SPLITS}
+    signatures = {s: [signature(item) for item in items] for s, items in splits.items()}
+    for s in SPLITS:
         assert len(set(signatures[s])) == len(signatures[s]), s
     assert not set(signatures["train"]) & set(signatures["heldout"])
     for item in (i for items in splits.values() for i in items):
@@ -266,4 +265,4 @@ def test_refuses_to_write_over_a_foreign_folder(tmp_path):
 
 def test_unknown_easy_vqa_template_is_an_error():
     with pytest.raises(ValueError):
-        dd.parse_question("how many shapes are there?", "one", 0)
+        parse_question("how many shapes are there?", "one", 0)

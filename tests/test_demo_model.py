@@ -14,7 +14,7 @@ from experts import ImageChat
 from llama_adapter.build import DEFAULT_ADAPTER
 from llama_adapter.weights import read_adapter_metadata
 from train.evaluate import normalize_answer
-from train.recipes import demo_data
+from train.recipes.demo_data.easyvqa import SHORT_SUFFIX, load_easy_vqa
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +36,13 @@ def test_the_shipped_adapter_is_the_default_and_says_where_it_came_from():
 
 def heldout_questions(n: int) -> list[tuple[str, str, str]]:
     """``n`` one-word easy-VQA test questions (never trained on), spread over the question kinds."""
-    split = demo_data.load_easy_vqa("test")
+    split = load_easy_vqa("test")
     by_kind: dict[str, list] = {}
     for q in split.questions[::97]:
         by_kind.setdefault(q.kind, []).append(q)
     picked = [q for i in range(n) for qs in by_kind.values() if i < len(qs) for q in [qs[i]]][:n]
     return [
-        (q.text[0].upper() + q.text[1:] + demo_data.SHORT_SUFFIX, str(split.image_paths[q.image_id]), q.answer)
-        for q in picked
+        (q.text[0].upper() + q.text[1:] + SHORT_SUFFIX, str(split.image_paths[q.image_id]), q.answer) for q in picked
     ]
 
 

@@ -16,6 +16,7 @@ from llama_adapter.config import IMAGE_ENCODERS
 from llama_adapter.images import image_to_tensor
 from llama_adapter.prompts import format_alpaca, render
 from llama_adapter.tiny import ByteTokenizer
+from train.builders import lr_factor
 from train.config import DataConfig, SourceConfig, TrainConfig, load_config, parse_override
 from train.data import (
     IGNORE,
@@ -33,7 +34,6 @@ from train.data import (
 )
 from train.sampler import DataPlan, StepBatches
 from train.synthetic import draw_shape, write_synthetic
-from train.trainer import lr_factor
 
 RNG = np.random.default_rng(0)
 

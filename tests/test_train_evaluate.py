@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llama_adapter.tiny import random_base
-from train import Trainer
+from train import fit, setup
 from train.evaluate import (
     evaluate_perplexity,
     evaluate_vqa,
@@ -65,9 +65,9 @@ def trained(tmp_path_factory, easy_vqa):
         "optim": {"max_steps": 2, "lr": 1e-2},
         "log": {"report_to": ["none"]},
     }
-    trainer = Trainer(cfg)
-    path = trainer.train()
-    encoder = {k: v.clone() for k, v in trainer.unwrapped.image_encoder.state_dict().items()}
+    state = setup(cfg)
+    path = fit(state)
+    encoder = {k: v.clone() for k, v in state.unwrapped.image_encoder.state_dict().items()}
     return path, encoder
 
 

@@ -9,16 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from accelerate.state import AcceleratorState
+from conftest import random_hf_model, write_hf_dir
 from PIL import Image
 
+import llama_adapter
 from llama_adapter.model import adapter_state_dict, parameter_group
 from llama_adapter.weights import read_adapter
-from train import Trainer, run
+from train import fit, run, setup
 from train.checkpoint import list_checkpoints, resolve_resume
 from train.cli import main as cli_main
 from train.metrics import MetricsWriter
+from train.step import activate, loss_sum, train_step
 from train.synthetic import draw_shape, write_synthetic
+from train.trainer import data_loader
 
 VISUAL = {"image_encoder": "efficientnet-lite0", "visual_dim": 32, "visual_depth": 1, "visual_heads": 2}
 WORDS = ["apple pie", "blue sky", "cold tea", "dark night", "easy win", "fast car", "green leaf", "hot sun"]
@@ -75,18 +80,18 @@ def test_overfits_eight_samples_and_base_stays_bit_identical(tmp_path):
         data={"batch_size": 8},
         optim={"epochs": 150, "warmup_epochs": 0, "lr": 3e-2, "weight_decay": 0.0},
     )
-    trainer = Trainer(cfg)
-    before = base_tensors(trainer.unwrapped)
-    adapter = trainer.train()
+    state = setup(cfg)
+    before = base_tensors(state.unwrapped)
+    adapter = fit(state)
     losses = [r["loss"] for r in metrics(tmp_path)]
     assert len(losses) == 150
     assert losses[-1] < 0.1 * losses[0], f"loss fell only from {losses[0]:.3f} to {losses[-1]:.3f}"
-    after = base_tensors(trainer.unwrapped)
+    after = base_tensors(state.unwrapped)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[n], after[n]) for n in before)
     saved = read_adapter(adapter)
     assert saved.metadata["prompt_template"] == "alpaca"
-    assert set(saved.state_dict) == set(adapter_state_dict(trainer.unwrapped))
+    assert set(saved.state_dict) == set(adapter_state_dict(state.unwrapped))
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune", "joint"])
@@ -94,16 +99,16 @@ def test_groups_are_disjoint_and_cover_every_trainable_parameter(tmp_path, data,
     sources = [{"path": str(data["captions"])}] if stage == "pretrain" else [{"path": str(data["instructions"])}]
     if stage == "joint":
         sources = joint_sources(data)
-    trainer = Trainer(tiny_config(tmp_path, stage, sources))
-    model = trainer.unwrapped
-    groups = {g: {n for n, _ in ps} for g, ps in trainer.group_params.items()}
+    state = setup(tiny_config(tmp_path, stage, sources))
+    model = state.unwrapped
+    groups = {g: {n for n, _ in ps} for g, ps in state.groups.items()}
     assert set(groups) == ({"pretrain", "finetune"} if stage == "joint" else {stage})
     if stage == "joint":
         assert not groups["pretrain"] & groups["finetune"]
         assert groups["pretrain"] | groups["finetune"] == set(adapter_state_dict(model))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set().union(*groups.values())
-    optimised = {trainer.names[p] for g in trainer.optimizer.param_groups for p in g["params"]}
+    optimised = {state.names[p] for g in state.optimizer.param_groups for p in g["params"]}
     assert optimised == trainable
     # The paper wiring: the visual branch and early gate are pretrain, the rest of the adapter finetune.
     if stage in ("pretrain", "joint"):
@@ -114,38 +119,38 @@ def test_groups_are_disjoint_and_cover_every_trainable_parameter(tmp_path, data,
 
 
 def test_joint_batch_touches_only_its_own_group(tmp_path, data):
-    trainer = Trainer(tiny_config(tmp_path, "joint", joint_sources(data), optim={"warmup_epochs": 0}))
-    model = trainer.unwrapped
+    state = setup(tiny_config(tmp_path, "joint", joint_sources(data), optim={"warmup_epochs": 0}))
+    model = state.unwrapped
     seen: dict[str, list] = {}
-    for micro in trainer.data_loader(0, trainer.plan.steps_per_epoch):
+    for micro in data_loader(state, 0, state.plan.steps_per_epoch):
         if micro.input_ids is not None:
             seen.setdefault(micro.kind[0], [micro])
     assert set(seen) == {"pretrain", "finetune"}
     for group, micro in seen.items():
         other = "finetune" if group == "pretrain" else "pretrain"
-        trainer.activate(group)
-        trainer.loss_sum(micro[0]).backward()
-        own = [p.grad for _, p in trainer.group_params[group]]
+        activate(state.groups, group)
+        loss_sum(state, micro[0]).backward()
+        own = [p.grad for _, p in state.groups[group]]
         assert all(g is not None for g in own) and any(bool(g.abs().sum() > 0) for g in own)
-        assert all(p.grad is None for _, p in trainer.group_params[other])
+        assert all(p.grad is None for _, p in state.groups[other])
         model.zero_grad(set_to_none=True)
         # A whole optimiser step: only the batch's own group moves.
         before = {n: p.detach().clone() for n, p in adapter_state_dict(model).items()}
-        trainer.train_step(micro)
+        train_step(state, micro)
         changed = {n for n, p in adapter_state_dict(model).items() if not torch.equal(before[n], p)}
-        own_names = {n for n, _ in trainer.group_params[group]}
+        own_names = {n for n, _ in state.groups[group]}
         assert changed and changed <= own_names
 
 
 def test_all_stage_batch_updates_both_groups(tmp_path, data):
     """The ablation baseline: without disjoint groups, a caption batch moves the language side too."""
-    trainer = Trainer(tiny_config(tmp_path, "all", joint_sources(data), optim={"warmup_epochs": 0}))
-    micro = next(m for m in trainer.data_loader(0, trainer.plan.steps_per_epoch) if m.input_ids is not None)
-    before = {n: p.detach().clone() for n, p in adapter_state_dict(trainer.unwrapped).items()}
-    trainer.train_step([micro])
-    changed = {n for n, p in adapter_state_dict(trainer.unwrapped).items() if not torch.equal(before[n], p)}
+    state = setup(tiny_config(tmp_path, "all", joint_sources(data), optim={"warmup_epochs": 0}))
+    micro = next(m for m in data_loader(state, 0, state.plan.steps_per_epoch) if m.input_ids is not None)
+    before = {n: p.detach().clone() for n, p in adapter_state_dict(state.unwrapped).items()}
+    train_step(state, [micro])
+    changed = {n for n, p in adapter_state_dict(state.unwrapped).items() if not torch.equal(before[n], p)}
     for group in ("pretrain", "finetune"):
-        assert changed & {n for n, _ in trainer.group_params[group]}
+        assert changed & {n for n, _ in state.groups[group]}
 
 
 def test_resumed_run_is_bit_identical(tmp_path, data):
@@ -237,15 +242,38 @@ def test_cli_help_and_print_config(tmp_path, capsys):
     assert "max_len: 64" in printed and "blr: 0.0002" in printed
 
 
+def test_cli_trains_on_a_hugging_face_llama_folder(tmp_path, tiny_spm, capsys):
+    """``--base PATH`` (over the config's base) trains on a transformers Llama checkpoint, and the
+    adapter loads on it: it answers what it was trained to, which the base alone does not."""
+    base = write_hf_dir(random_hf_model("tiny"), tmp_path / "hf-llama", tiny_spm)
+    sample = {"instruction": "Name the shape.", "output": "A red circle."}
+    (tmp_path / "sample.json").write_text(json.dumps([sample]))
+    config = {
+        "model": {"base": "tiny", "adapter": {"image_encoder": None}},  # --base wins
+        "data": {"sources": [{"path": str(tmp_path / "sample.json")}], "batch_size": 1},
+        "optim": {"epochs": 24, "warmup_epochs": 0, "lr": 3e-2, "min_lr": 3e-2, "weight_decay": 0.0},
+        "checkpoint": {"every_epochs": None},
+        "log": {"report_to": ["none"]},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    cli_main(["finetune", "--config", str(tmp_path / "config.yaml"), "--base", str(base), "--output-dir", str(out)])
+    assert f"Adapter: {out / 'adapter.safetensors'}" in capsys.readouterr().out
+    assert read_adapter(out / "adapter.safetensors").metadata["base"] == str(base)
+    trained = llama_adapter.load(base=base, adapter=out / "adapter.safetensors")
+    assert trained.generate(sample["instruction"], max_new_tokens=12) == sample["output"]
+    assert llama_adapter.load(base=base).generate(sample["instruction"], max_new_tokens=12) != sample["output"]
+
+
 def test_a_step_with_every_row_skipped_leaves_the_weights_alone(tmp_path):
     captions = [{"image": str(tmp_path / f"gone{i}.png"), "caption": "Lost."} for i in range(2)]
     text = [{"instruction": "Hi.", "output": "Hello."}, {"instruction": "Bye.", "output": "Goodbye."}]
     cfg = tiny_config(tmp_path, "joint", [{"samples": captions}, {"samples": text}], optim={"epochs": 2})
-    trainer = Trainer(cfg)
-    before = {n: p.detach().clone() for n, p in adapter_state_dict(trainer.unwrapped).items()}
-    trainer.train()
-    after = adapter_state_dict(trainer.unwrapped)
-    pretrain = {n for n, _ in trainer.group_params["pretrain"]}
+    state = setup(cfg)
+    before = {n: p.detach().clone() for n, p in adapter_state_dict(state.unwrapped).items()}
+    fit(state)
+    after = adapter_state_dict(state.unwrapped)
+    pretrain = {n for n, _ in state.groups["pretrain"]}
     assert all(torch.equal(before[n], after[n]) for n in pretrain)
     assert not all(torch.equal(before[n], after[n]) for n in before.keys() - pretrain)
     records = metrics(tmp_path)
@@ -264,11 +292,11 @@ def test_bf16_autocast_with_a_bf16_frozen_base(tmp_path, data):
     # accelerate fixes the precision once per process; this test needs another one.
     AcceleratorState._reset_state()
     try:
-        trainer = Trainer(cfg)
-        path = trainer.train()
+        state = setup(cfg)
+        path = fit(state)
     finally:
         AcceleratorState._reset_state()
-    assert trainer.unwrapped.layers[0].attention.wq.base.weight.dtype == torch.bfloat16
+    assert state.unwrapped.layers[0].attention.wq.base.weight.dtype == torch.bfloat16
     assert all(t.dtype == torch.float32 for t in read_adapter(path).state_dict.values())
     assert all(r["loss"] > 0 for r in metrics(tmp_path))
 

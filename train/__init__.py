@@ -38,8 +38,10 @@ Python API — a recipe script trains with an in-code config and its own samples
   :class:`TrainConfig`, a dict of the same nested shape, or a YAML path (then ``overrides`` are
   ``"key.path=value"`` strings). ``"resume": "auto"`` continues from the latest checkpoint.
 * :class:`TrainConfig` / :func:`load_config` — the typed config (``model``, ``data``, ``optim``,
-  ``engine``, ``checkpoint``, ``log`` sections). :class:`Trainer` gives step-level control:
-  ``train()``, ``train_step(micro_batches)``, ``save_checkpoint()``, ``data_loader(start, stop)``.
+  ``engine``, ``checkpoint``, ``log`` sections). Step-level control: ``state = setup(config)``
+  builds a :class:`TrainState`; ``fit(state)`` trains it; ``train.step.train_step(state,
+  micro_batches)``, ``train.trainer.data_loader(state, start, stop)`` and
+  ``train.checkpoint.save_checkpoint(state)`` are the pieces ``fit`` runs.
 * Samples (``samples``: a list, or a map-style Dataset read once) are dicts in any training
   format: ``{"image"?, "instruction", "input"?, "output"}`` (Alpaca),
   ``{"image"?, "conversations": [{"from": "human"|"gpt", "value"}]}`` (LLaVA, multi-turn),
@@ -52,6 +54,6 @@ Python API — a recipe script trains with an in-code config and its own samples
 """
 
 from .config import TrainConfig, load_config
-from .trainer import Trainer, run
+from .trainer import TrainState, fit, run, setup
 
-__all__ = ["TrainConfig", "Trainer", "load_config", "run"]
+__all__ = ["TrainConfig", "TrainState", "fit", "load_config", "run", "setup"]

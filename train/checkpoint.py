@@ -1,7 +1,8 @@
 """Checkpoints: a folder per step holding the adapter (the library's safetensors format), the
 optimiser's tensors (safetensors), and everything else as JSON (step, scheduler, counters, RNG
 states of every process). Written into a temporary folder and renamed, so a checkpoint on disk is
-always complete; resuming never unpickles anything."""
+always complete; resuming never unpickles anything. :func:`save_checkpoint` and :func:`restore`
+save and resume a run; the rest reads and writes the files."""
 
 from __future__ import annotations
 
@@ -11,14 +12,24 @@ import os
 import random
 import re
 import shutil
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
+from accelerate import DistributedType
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from llama_adapter.errors import CheckpointError
+from llama_adapter.model import adapter_state_dict
+from llama_adapter.weights import read_adapter, save_adapter
+
+from .metrics import global_counts
+
+if TYPE_CHECKING:
+    from .trainer import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +38,115 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng_states.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
+
+
+# -- a run's checkpoints --------------------------------------------------------------------------------
+
+
+def save_checkpoint(state: TrainState) -> Path:
+    """Checkpoint the run at its current step (every process must call it)."""
+    acc = state.accelerator
+    adapter = adapter_tensors(state)
+    # DeepSpeed's ZeRO optimiser keeps flat partitions of its own, not per-parameter state.
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    tensors, groups = ({}, []) if deepspeed else optimizer_state(state.optimizer.optimizer, state.names)
+    rng = gather_object([rng_state()])
+    counts = global_counts(acc, state.counts)
+    if acc.is_main_process:
+        record = {
+            "step": state.step,
+            "epoch": state.step / state.plan.steps_per_epoch,
+            "steps_per_epoch": state.plan.steps_per_epoch,
+            "total_steps": state.total_steps,
+            "global_batch": state.plan.global_batch,
+            "plan": state.plan.fingerprint(),
+            "world_size": acc.num_processes,
+            "optimizer_groups": groups,
+            "scheduler": state.scheduler.state_dict(),
+            "counts": counts,
+            "config": state.cfg.to_dict(),
+        }
+        write_checkpoint(
+            state.output_dir,
+            state.step,
+            write_adapter=partial(write_adapter, state, adapter),
+            optimizer_tensors=tensors,
+            state=record,
+            rng_states=rng,
+            keep_last=state.cfg.checkpoint.keep_last,
+        )
+        log.info("Saved checkpoint %s", checkpoint_dir(state.output_dir, state.step))
+    acc.wait_for_everyone()
+    return checkpoint_dir(state.output_dir, state.step)
+
+
+def restore(state: TrainState, path: Path) -> None:
+    """Continue the run from checkpoint ``path``: adapter, optimiser, schedule, step, counters, RNG."""
+    acc = state.accelerator
+    record, tensors, rng = read_checkpoint(path)
+    if record["plan"] != state.plan.fingerprint():
+        raise CheckpointError(
+            f"{path} was written with other data, seed or global batch size ({record['global_batch']}; now "
+            f"{state.plan.global_batch}); the data order would not continue. Resume with the same settings."
+        )
+    if record["total_steps"] != state.total_steps:
+        log.warning("Schedule changed since the checkpoint: %d → %d steps", record["total_steps"], state.total_steps)
+    adapter = read_adapter(path / ADAPTER_FILE)
+    if adapter.config != state.unwrapped.adapter_config:
+        raise CheckpointError(f"{path} holds an adapter with other settings than this run's")
+    params = dict(state.unwrapped.named_parameters())
+    with torch.no_grad():
+        for name, value in adapter.state_dict.items():
+            params[name].copy_(place_like(value, params[name]))
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        log.warning("DeepSpeed: the optimiser's moments restart (ZeRO state is not saved); DDP and FSDP resume exactly")
+    else:
+        load_optimizer_state(state.optimizer.optimizer, state.names, tensors, record["optimizer_groups"])
+    state.scheduler.load_state_dict(record["scheduler"])
+    state.step = record["step"]
+    if acc.is_main_process:
+        state.counts.update(record["counts"])  # the others start at 0: counts are summed over processes
+    if len(rng) == acc.num_processes:
+        set_rng_state(rng[acc.process_index])
+    else:
+        log.warning("Checkpoint from %d processes, now %d: RNG states not restored", len(rng), acc.num_processes)
+    log.info("Resumed from %s at step %d of %d", path, state.step, state.total_steps)
+
+
+def adapter_tensors(state: TrainState) -> dict[str, torch.Tensor]:
+    """Whole adapter tensors on the CPU (gathered from shards under FSDP: call on every process)."""
+    params = adapter_state_dict(state.unwrapped).items()
+    # float(): DeepSpeed's bf16/fp16 modes cast the whole module, adapter included.
+    return {n: _full(p).float() for n, p in params}
+
+
+def write_adapter(state: TrainState, tensors: dict[str, torch.Tensor], path: Path) -> Path:
+    """The adapter file of the run at its current step, with what rebuilds its base and encoder."""
+    cfg, base = state.cfg, state.built.base
+    return save_adapter(
+        path,
+        tensors,
+        state.unwrapped.adapter_config,
+        base=base.config,
+        base_name=cfg.model.base,
+        base_fingerprint=base.fingerprint,
+        prompt_template=state.built.template,
+        system_prompt=cfg.model.system_prompt,
+        extra={
+            "training": {
+                "stage": cfg.stage,
+                "step": state.step,
+                "total_steps": state.total_steps,
+                # What rebuilds a random tiny base and a random-init encoder (tests) as trained.
+                "seed": cfg.seed,
+                "base_seed": cfg.model.base_seed,
+                "pretrained_encoder": cfg.model.pretrained_encoder,
+            }
+        },
+    )
+
+
+# -- the files ------------------------------------------------------------------------------------------
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:

@@ -50,6 +50,7 @@ Examples:
   python -m train finetune --config configs/tiny-cpu.yaml
   python -m train joint --config configs/llama7b-joint.yaml data.batch_size=2 optim.grad_accum=2
   python -m train finetune --config configs/tiny-cpu.yaml --resume          # latest checkpoint
+  python -m train finetune --config configs/smollm2-cpu.yaml --base path/to/hf-llama   # another base
   accelerate launch --num_processes 2 --cpu -m train finetune --config configs/tiny-cpu.yaml
   accelerate launch --config_file configs/accelerate/fsdp-8gpu.yaml -m train pretrain \\
       --config configs/llama7b-pretrain.yaml
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", metavar="FILE.yaml", help="YAML config (sections as listed below)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.blr=1e-3")
         p.add_argument("--output-dir", metavar="DIR", help="same as output_dir=DIR")
+        p.add_argument(
+            "--base", metavar="PATH", help="base model (a folder, a .gguf, a hub id, a name): same as model.base=PATH"
+        )
         p.add_argument(
             "--resume",
             nargs="?",
@@ -133,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(
             args.config, overrides, stage=args.stage, output_dir=args.output_dir, resume=args.resume, seed=args.seed
         )
+    if args.base is not None:
+        cfg.model.base = args.base  # as given: a path must not be read as YAML
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return

@@ -1,14 +1,86 @@
-"""Where training metrics go: a JSONL file always, TensorBoard and wandb when installed."""
+"""What a run reports: rows skipped and truncated (counted on every process, summed for the
+record), a record per window of steps, and where records go: a JSONL file always, TensorBoard
+and wandb when installed."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import Accelerator
+
+from .data import SKIP_REASONS, Batch
+
 log = logging.getLogger(__name__)
+
+COUNTERS = (*SKIP_REASONS, "truncated", "truncated_tokens")
+MAX_SKIP_WARNINGS = 10  # per reason and process; the rest are only counted
+
+
+def kind_name(kind: tuple[str, bool]) -> str:
+    return f"{kind[0]}/{'image' if kind[1] else 'text'}"
+
+
+def count_rows(micro: list[Batch], counts: Counter[str], warned: Counter[str]) -> None:
+    """Add a step's truncated and skipped rows to this process's ``counts``; warn of the first few."""
+    for batch in micro:
+        counts["truncated"] += batch.truncated
+        counts["truncated_tokens"] += batch.truncated_tokens
+        for s in batch.skipped:
+            counts[s["skip"]] += 1
+            warned[s["skip"]] += 1
+            if warned[s["skip"]] <= MAX_SKIP_WARNINGS:
+                log.warning("Skipped row %d of %s (%s): %s", s["row"], s["source"], s["skip"], s["detail"])
+
+
+def global_counts(accelerator: Accelerator, counts: Counter[str]) -> dict[str, int]:
+    """``counts`` summed over processes (every process must call it)."""
+    local = torch.tensor([counts[k] for k in COUNTERS], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, "sum")
+    return {k: int(v) for k, v in zip(COUNTERS, total.tolist())}
+
+
+def window_record(
+    step: int, epoch: float, window: list[dict[str, Any]], seconds: float, lrs: dict[str, float], counts: dict
+) -> dict[str, Any]:
+    """The record of the steps in ``window`` (what :func:`train.step.train_step` returned)."""
+    tokens = sum(s["tokens"] for s in window)
+    losses = [s["loss"] for s in window if s["loss"] is not None]
+    record = {
+        "step": step,
+        "epoch": round(epoch, 4),
+        "loss": sum(losses) / len(losses) if losses else None,
+        "lr": lrs,
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        "tokens": tokens,
+        "kinds": dict(Counter(s["kind"] for s in window)),
+        "skipped": {k: counts[k] for k in SKIP_REASONS},
+        "truncated": {"samples": counts["truncated"], "tokens": counts["truncated_tokens"]},
+    }
+    norms = [s["grad_norm"] for s in window if s["grad_norm"] is not None]
+    if norms:
+        record["grad_norm"] = sum(norms) / len(norms)
+    return record
+
+
+def log_record(record: dict[str, Any], total_steps: int) -> None:
+    lrs = ", ".join(f"{k} {v:.3g}" for k, v in record["lr"].items())
+    log.info(
+        "step %d/%d  epoch %.2f  loss %s  lr [%s]  %.0f tokens/s  skipped %d  truncated %d",
+        record["step"],
+        total_steps,
+        record["epoch"],
+        "-" if record["loss"] is None else f"{record['loss']:.4f}",
+        lrs,
+        record["tokens_per_s"],
+        sum(record["skipped"].values()),
+        record["truncated"]["samples"],
+    )
 
 
 def _installed(module: str) -> bool:
