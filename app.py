@@ -6,7 +6,10 @@
 Layout and wiring only: every action calls one library function (``ChatSession.stream``,
 ``experts.ImageChat.stream``, ``experts.compare``, ``experts.describe``, …). One model per process
 is shared by every session; each session keeps its own conversations (and their KV caches) in
-``gr.State``. Named API endpoints for ``gradio_client``: ``/chat``, ``/describe_image``, ``/compare``.
+``gr.State``. Named API endpoints for ``gradio_client``: ``/chat``, ``/describe_image``, ``/compare``;
+and on the same port the OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``
+(``llama_adapter.serve``). Every answer, from any door, is written by the pipeline's engine, which
+decodes all the requests under way together.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Iterator, Sequence, TypeVar, Union  # noqa: E402
 
 import gradio as gr  # noqa: E402
+from fastapi import APIRouter  # noqa: E402
 from gradio import FileData  # noqa: E402
 
 import llama_adapter  # noqa: E402
-from experts import ExpertReport, ImageChat, Registry, compare, default_registry, describe  # noqa: E402
-from llama_adapter import ChatSession, LlamaAdapterError, Pipeline  # noqa: E402
+from experts import ExpertReport, ImageChat, Registry, compare, default_registry, describe, run_experts  # noqa: E402
+from llama_adapter import ChatSession, LlamaAdapterError, Pipeline, serve  # noqa: E402
+from llama_adapter.engine import EngineConfig  # noqa: E402
 from llama_adapter.pipeline import Limits  # noqa: E402
 
 log = logging.getLogger("app")
@@ -112,8 +117,8 @@ def header_markdown(pipe: Pipeline, queue_size: int = QUEUE_SIZE) -> str:
         "# LLaMA-Adapter V2\n"
         f"**Base** `{info['base']}` · **adapter** `{adapter}` · **precision** {precision} on `{info['device']}` "
         f"· {sight}\n\n"
-        "A parameter-efficient visual instruction model. One answer is generated at a time; others wait "
-        f"in a queue of up to {queue_size}."
+        f"A parameter-efficient visual instruction model. Up to {pipe.engine.config.max_batch} answers are "
+        f"written together; others wait in a queue of up to {queue_size}."
     )
 
 
@@ -362,7 +367,8 @@ def build_demo(
     if image_examples:
         gr.set_static_paths([examples_dir])
     most_tokens = pipe.limits.max_new_tokens or MAX_NEW_TOKENS
-    model = {"concurrency_id": "model", "concurrency_limit": 1}  # one generation at a time, every tab and API
+    # Every tab and API shares the engine's slots: as many events run at once as it decodes together.
+    model = {"concurrency_id": "model", "concurrency_limit": pipe.engine.config.max_batch}
     instant = {"queue": False, "api_visibility": "private"}
 
     def stream_turn(
@@ -813,10 +819,12 @@ def launch(
     port: int | None = None,
     allowed_dirs: Sequence[Path] = (),
     allow_urls: bool = False,
+    api: APIRouter | None = None,
     **kwargs: Any,
 ) -> Any:
     """``demo.launch`` with the app's theme, upload limit and :class:`UploadsOnly` door (Gradio 6 takes
-    the theme here, not in Blocks)."""
+    the theme here, not in Blocks), and the ``api`` routes (the OpenAI-compatible ``/v1``, which
+    check their own images) on the same server, ahead of Gradio's own."""
     from starlette.middleware import Middleware
 
     door = Middleware(UploadsOnly, allowed_dirs=allowed_dirs, allow_urls=allow_urls)
@@ -825,7 +833,7 @@ def launch(
         server_port=port,
         theme=gr.themes.Soft(primary_hue="indigo"),
         max_file_size=MAX_FILE_SIZE,
-        app_kwargs={"middleware": [door]},
+        app_kwargs={"middleware": [door], "routes": list(api.routes) if api is not None else []},
         **kwargs,
     )
 
@@ -886,6 +894,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ("max-prompt-chars", Limits.max_prompt_chars, "characters of a prompt with its history"),
         ("max-new-tokens", MAX_NEW_TOKENS, "length of an answer, in tokens"),
         ("queue-size", QUEUE_SIZE, "requests that may wait; more are turned away at once"),
+        ("max-batch", EngineConfig.max_batch, "answers written together (each decode step computes them all)"),
     ):
         name = "LLAMA_ADAPTER_" + flag.upper().replace("-", "_")
         # argparse converts (and checks) a string default with ``type`` as if it came from the command line.
@@ -895,6 +904,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             default=env(name, str(default)),
             help=f"{text}; default {default:,} (env {name})",
         )
+    serve.add_api_arguments(p)
     args = p.parse_args(argv)
     # argparse checks choices on the command line only, not on defaults taken from the environment.
     for name, choices in (("quantize", QUANTIZE), ("dtype", DTYPES)):
@@ -933,7 +943,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LlamaAdapterError as e:
         log.error("Could not load the model: %s", e)
         return 2
-    log.info("Loaded in %.1f s: %s; %s, queue of %d", pipe.info["load_seconds"], pipe.info, limits, args.queue_size)
+    pipe.start_engine(EngineConfig(max_batch=args.max_batch, max_waiting=args.queue_size))
+    log.info(
+        "Loaded in %.1f s: %s; %s, %d answers together, queue of %d",
+        pipe.info["load_seconds"],
+        pipe.info,
+        limits,
+        args.max_batch,
+        args.queue_size,
+    )
+    # The same folders and URL rule for the /v1 door as for Gradio's.
+    api = serve.api_router(pipe, serve.api_config(args, experts=run_experts))
     launch(
         build_demo(pipe, queue_size=args.queue_size, allowed_dirs=args.allow_local_dir),
         host=args.host,
@@ -941,6 +961,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         share=args.share,
         allowed_dirs=args.allow_local_dir,
         allow_urls=args.allow_remote_images,
+        api=api,
     )
     return 0
 

@@ -10,7 +10,8 @@ Models are built in :mod:`llama_adapter.build`; :mod:`llama_adapter.pipeline` se
 
 from .build import load
 from .config import AdapterConfig, LlamaConfig
-from .errors import CheckpointError, InputError, LlamaAdapterError
+from .engine import Engine, EngineConfig
+from .errors import CheckpointError, EngineBusy, InputError, LlamaAdapterError
 from .generate import Sampling
 from .model import LlamaAdapter, count_parameters, parameter_groups, set_trainable, trainable_parameters
 from .pipeline import ChatSession, Pipeline
@@ -20,6 +21,9 @@ __all__ = [
     "AdapterConfig",
     "ChatSession",
     "CheckpointError",
+    "Engine",
+    "EngineBusy",
+    "EngineConfig",
     "InputError",
     "LlamaAdapter",
     "LlamaAdapterError",

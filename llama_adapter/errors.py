@@ -15,3 +15,7 @@ class CheckpointError(LlamaAdapterError):
 
 class GenerationError(LlamaAdapterError):
     """The model failed part-way through an answer (out of memory, a device error, …)."""
+
+
+class EngineBusy(LlamaAdapterError):
+    """Too many requests are already waiting for the model; try again in a moment."""

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import contextmanager
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import GenerationError, InputError, LlamaAdapterError
-from .generate import Sampling, TextStream, decode_tokens
+from .engine import Engine, EngineConfig, Request
+from .errors import GenerationError, InputError
+from .generate import Sampling
 from .images import DEFAULT_MAX_PIXELS, ImageInput, image_to_tensor, open_image
-from .model import KVCache, LlamaAdapter
+from .model import LlamaAdapter
 from .prompts import (
     Message,
     Prompt,
@@ -47,7 +48,11 @@ class Limits:
 
 @dataclass
 class Pipeline:
-    """A loaded model ready to answer: ``generate``, ``stream``, ``generate_batch``, ``chat``."""
+    """A loaded model ready to answer: ``generate``, ``stream``, ``generate_batch``, ``chat``.
+
+    Every answer is written by one :class:`~llama_adapter.engine.Engine`, which decodes all the
+    requests under way together (started on first use; :meth:`start_engine` to choose its batch
+    size and queue). Calls from several threads at once are batched."""
 
     model: LlamaAdapter
     tokenizer: Tokenizer
@@ -55,8 +60,8 @@ class Pipeline:
     info: dict[str, Any] = field(default_factory=dict)
     system_prompt: str | None = None  # used when a conversation has no system message
     limits: Limits = field(default_factory=Limits)
-    _running: int = field(default=0, init=False, repr=False, compare=False)
-    _running_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    _engine: Engine | None = field(default=None, init=False, repr=False, compare=False)
+    _engine_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def max_image_pixels(self) -> int:
@@ -64,8 +69,30 @@ class Pipeline:
 
     @property
     def running(self) -> int:
-        """Generations under way now: started and neither finished, stopped, failed nor closed."""
-        return self._running
+        """Generations under way now (waiting or decoding): neither finished, stopped, failed nor closed."""
+        return self._engine.running if self._engine is not None else 0
+
+    @property
+    def engine(self) -> Engine:
+        """The scheduler that writes every answer; started with the default settings on first use."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._start_engine(EngineConfig())
+            return self._engine
+
+    def start_engine(self, config: EngineConfig) -> Engine:
+        """Start the engine with ``config`` (how many requests decode together, how many may wait),
+        replacing the running one, whose requests end as cancelled."""
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.close()
+            return self._start_engine(config)
+
+    def _start_engine(self, config: EngineConfig) -> Engine:
+        self._engine = Engine(self.model, self.tokenizer, config)
+        # The engine's thread holds the model: a pipeline that is dropped stops it, and frees both.
+        weakref.finalize(self, self._engine.close, wait=False)
+        return self._engine
 
     @property
     def device(self) -> torch.device:
@@ -147,13 +174,21 @@ class Pipeline:
 
     # -- generation ------------------------------------------------------------------------------
 
+    def submit(
+        self, prompt: Prompt, image: ImageInput | None = None, *, cancel: threading.Event | None = None, **sampling: Any
+    ) -> Request:
+        """Queue one answer with the engine and return its :class:`~llama_adapter.engine.Request`:
+        iterate it for the text pieces; it also tells the finish reason and the token counts. Bad
+        input raises :class:`InputError` here, a full queue :class:`~llama_adapter.errors.EngineBusy`."""
+        params = self.sampling_params(**sampling)
+        ids, params = self._prompt_ids(prompt, params)
+        return self.engine.submit(ids, params, visual_prompt=self.visual_prompt(image), cancel=cancel)
+
     def stream(
         self, prompt: Prompt, image: ImageInput | None = None, *, cancel: threading.Event | None = None, **sampling: Any
     ) -> Iterator[str]:
         """Yield the answer as text pieces while it is generated."""
-        params = self.sampling_params(**sampling)
-        ids, params = self._prompt_ids(prompt, params)
-        yield from self.stream_ids(ids, self.visual_prompt(image), params, cancel=cancel)
+        yield from self.submit(prompt, image, cancel=cancel, **sampling)
 
     def generate(self, prompt: Prompt, image: ImageInput | None = None, **sampling: Any) -> str:
         """The whole answer to one prompt (a string or a list of messages)."""
@@ -162,95 +197,27 @@ class Pipeline:
     def generate_batch(
         self, prompts: Sequence[Prompt], images: Sequence[ImageInput | None] | None = None, **sampling: Any
     ) -> list[str]:
-        """Answers to several prompts in one left-padded batch (same result as one by one, greedy)."""
-        if not prompts:
-            return []
+        """Answers to several prompts (each with its own image, or none), decoded together by the
+        engine, ``max_batch`` at a time: the same answers as one by one."""
+        if images is not None and len(images) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(images)} images")
         params = self.sampling_params(**sampling)
-        rows = [self.encode(self.render(p)) for p in prompts]
-        params = self.fit_to_context(max(len(r) for r in rows), params)
-        visual = None
-        if images is not None:
-            if len(images) != len(prompts):
-                raise InputError(f"{len(prompts)} prompts but {len(images)} images")
-            if any(img is None for img in images):
-                raise InputError("In a batch, give every prompt an image or none")
-            visual = torch.cat([self.visual_prompt(img) for img in images])
-        streams = [TextStream(self.tokenizer, params.stop) for _ in rows]
-        finished = [False] * len(rows)
-        tokens = decode_tokens(
-            self.model, rows, params, self.tokenizer.stop_ids, visual_prompt=visual, pad_id=self.tokenizer.pad_id
-        )
-        with self._generating(tokens):
-            for step in tokens:
-                for i, t in enumerate(step):
-                    if finished[i] or t is None:
-                        continue
-                    if t in self.tokenizer.stop_ids:
-                        finished[i] = True
-                    else:
-                        streams[i].push(t)
-                        finished[i] = streams[i].stopped
-                if all(finished):
-                    break
-            for s in streams:
-                s.finish()
-        return [s.text for s in streams]
-
-    @contextmanager
-    def _generating(self, tokens: Iterator[Any]) -> Iterator[None]:
-        """Count a generation as running, close its decode loop however it ends, and turn a failure
-        of the model into a :class:`GenerationError` (the original stays as its ``__cause__``)."""
-        with self._running_lock:
-            self._running += 1
+        rows = [self._prompt_ids(p, params) for p in prompts]
+        visuals = [self.visual_prompt(img) for img in images] if images is not None else [None] * len(prompts)
+        answers: list[str] = [""] * len(prompts)
+        pending = list(enumerate(zip(rows, visuals)))
+        running: list[tuple[int, Request]] = []
         try:
-            yield
-        except LlamaAdapterError:
-            raise
-        except Exception as e:  # out of memory, a device error, a broken tokenizer: any of them ends the answer
-            log.exception("Generation failed")
-            raise GenerationError(
-                f"The model failed while writing the answer ({type(e).__name__}: {e}). Try again."
-            ) from e
+            while pending or running:
+                while pending and len(running) < self.engine.config.max_batch:
+                    i, ((ids, fitted), visual) = pending.pop(0)
+                    running.append((i, self.engine.submit(ids, fitted, visual_prompt=visual)))
+                i, request = running.pop(0)
+                answers[i] = "".join(request)
         finally:
-            tokens.close()
-            with self._running_lock:
-                self._running -= 1
-
-    def stream_ids(
-        self,
-        ids: list[int],
-        visual_prompt: torch.Tensor | None,
-        params: Sampling,
-        *,
-        cache: KVCache | None = None,
-        cancel: threading.Event | None = None,
-        stream: TextStream | None = None,
-    ) -> Iterator[str]:
-        """Yield the answer to the token ids ``ids`` as text pieces. With a ``cache`` they continue
-        the tokens it holds; ``stream`` collects the answer's text and ids."""
-        stream = stream or TextStream(self.tokenizer, params.stop)
-        tokens = decode_tokens(
-            self.model,
-            [ids],
-            params,
-            self.tokenizer.stop_ids,
-            visual_prompt=visual_prompt,
-            cache=cache,
-            cancel=cancel,
-            pad_id=self.tokenizer.pad_id,
-        )
-        with self._generating(tokens):
-            for (token,) in tokens:
-                if token is None or token in self.tokenizer.stop_ids:
-                    break
-                piece = stream.push(token)
-                if piece:
-                    yield piece
-                if stream.stopped:
-                    break
-            tail = stream.finish()
-            if tail:
-                yield tail
+            for _, request in running:
+                request.close()
+        return answers
 
     def chat(self, *, system: str | None = None, image: ImageInput | None = None) -> ChatSession:
         """A multi-turn conversation (optionally about one image) that keeps its KV cache."""
@@ -299,21 +266,26 @@ class ChatSession:
         ids, kept, dropped = self._fit_turns(user, params)
         # A question too long for the context even alone is refused here, with the history untouched.
         params = self.pipeline.fit_to_context(len(ids), params)
+        reuse = _common_prefix(self.cached_ids, ids)
+        reuse = min(reuse, len(ids) - 1, self.cache.length)
+        self.cache.truncate(reuse)
+        # The engine continues this conversation's cache and writes the finished turn back into it.
+        # A refusal (a full queue) leaves the conversation as it was.
+        request = self.pipeline.engine.submit(
+            ids[reuse:], params, visual_prompt=self.visual_prompt, cache=self.cache, cancel=cancel
+        )
+        self.last_prefill_tokens = len(ids) - reuse
         if dropped:
             self.messages[:] = kept
             self.dropped_turns += dropped
             log.info("Chat longer than the context: dropped the %d oldest turn(s)", dropped)
         self.messages.append(user)
-        reuse = _common_prefix(self.cached_ids, ids)
-        reuse = min(reuse, len(ids) - 1, self.cache.length)
-        self.cache.truncate(reuse)
-        self.last_prefill_tokens = len(ids) - reuse
-        stream = TextStream(self.pipeline.tokenizer, params.stop)
+        answer: list[str] = []
         failed = False
         try:
-            yield from self.pipeline.stream_ids(
-                ids[reuse:], self.visual_prompt, params, cache=self.cache, cancel=cancel, stream=stream
-            )
+            for piece in request:
+                answer.append(piece)
+                yield piece
         except GenerationError:
             failed = True
             # A step that failed half-way may have left some layers' keys and values in the cache.
@@ -321,10 +293,11 @@ class ChatSession:
             self.reset_cache()
             raise
         finally:
+            request.close()  # stopped early: wait until the engine has let go of the cache
             if not failed:
-                self.messages.append({"role": "assistant", "content": stream.text})
+                self.messages.append({"role": "assistant", "content": "".join(answer)})
                 # The cache holds the prompt and the answer tokens fed back so far.
-                self.cached_ids = (ids + stream.ids)[: self.cache.length]
+                self.cached_ids = (ids + request.generated)[: self.cache.length]
 
     def ask(self, text: str, *, context: str | None = None, **sampling: Any) -> str:
         return "".join(self.stream(text, context=context, **sampling))

@@ -1,0 +1,487 @@
+"""The engine: one scheduler thread owns the model and decodes every active request together.
+
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=8))
+    request = engine.submit(ids, Sampling(max_new_tokens=64))
+    for piece in request:                     # text pieces, as they are decoded
+        print(piece, end="")
+    request.finish_reason, request.prompt_tokens, request.completion_tokens
+
+Continuous batching over ``max_batch`` slots, the rows of one :class:`SlotCache`:
+
+- A request waits in a queue (at most ``max_waiting``; more get :class:`EngineBusy` at once),
+  takes a free slot, and is prefilled into its own batch-1 :class:`KVCache` (a conversation's
+  cache, continued), ``prefill_chunk`` tokens at a time, one chunk between two decode steps, so
+  a long prompt never holds the others for more than a chunk.
+- Prefilled, its keys and values (and its adapter prompts' keys and values: each row has its
+  own visual prompt) are copied into its slot's row, and it joins the next decode step.
+- Every step decodes all ``max_batch`` rows, free ones included: the batch always has the same
+  shape, so a compiled decode step is compiled once, and a request's logits do not depend on
+  who else is decoding (matmul kernels pick their blocking by shape; at a fixed shape a row's
+  result is independent of the other rows). A request's answer is the same alone or in a batch.
+- Each request samples with its own settings and its own ``torch.Generator`` (seeded), stops at
+  an end token, a stop string or its token limit, and leaves at once; a cancelled request
+  (Stop, a client that went away) leaves before the next step. A conversation's cache gets its
+  row back when the request ends, so its next turn prefills only the new tokens.
+
+The model runs only in the engine thread. Image encoding and experts happen before a request is
+submitted, in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal
+
+import torch
+
+from .errors import EngineBusy, GenerationError, InputError
+from .generate import Sampling, TextStream, sample_next
+from .model import KVCache, LlamaAdapter
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How many requests decode together and how many may wait."""
+
+    max_batch: int = 8
+    """Slots: requests decoded in one step. Each step computes all of them, busy or free."""
+    max_waiting: int = 32
+    """Requests that may wait for a slot; beyond, :meth:`Engine.submit` raises :class:`EngineBusy`."""
+    prefill_chunk: int = 32
+    """Prompt tokens prefilled between two decode steps (the most a newcomer holds the others up)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_waiting", "prefill_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+
+
+class SlotCache(KVCache):
+    """A :class:`KVCache` whose rows are independent sequences: row ``b`` holds its tokens in
+    buffer columns ``0 … next_position[b] - 1`` (no padding), so a row can be emptied and refilled
+    while the other rows go on decoding. A decode step writes each row's new token at its own
+    column. Free rows decode a dummy token at column 0 and do not advance."""
+
+    def __init__(self, model: LlamaAdapter, batch: int) -> None:
+        ref = model.new_cache(batch)
+        super().__init__(len(ref.keys), batch, ref.shape[1], ref.shape[3], ref.device, ref.dtype)
+        self.active = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.rows = torch.arange(batch, device=self.device)
+        self.prompts_ready = True  # every row's adapter prompts are copied in with its tokens
+
+    def load(self, row: int, cache: KVCache) -> None:
+        """Put the sequence of a batch-1 ``cache`` (no padding) into ``row``, which starts decoding."""
+        n = cache.length
+        self.reserve(max(0, n - self.length))
+        for store, source in ((self.keys, cache.keys), (self.values, cache.values)):
+            for layer, src in enumerate(source):
+                store[layer][row, :, :n] = src[0, :, :n]
+        self.key_valid[row] = False
+        self.key_valid[row, :n] = True
+        for layer, kv in enumerate(cache.prompt_kv):
+            if kv is None:
+                continue
+            if self.prompt_kv[layer] is None:
+                b = self.shape[0]
+                self.prompt_kv[layer] = tuple(torch.zeros(b, *t.shape[1:], device=t.device, dtype=t.dtype) for t in kv)
+            for dst, src in zip(self.prompt_kv[layer], kv):
+                dst[row] = src[0]
+        self.next_position[row] = n
+        self.active[row] = 1
+        self.length = max(self.length, n)
+
+    def save(self, row: int, cache: KVCache) -> None:
+        """Copy ``row``'s sequence back into a batch-1 ``cache`` (a conversation's, for its next turn)."""
+        n = int(self.next_position[row])
+        cache.truncate(0)
+        cache.reserve(n)
+        for store, target in ((self.keys, cache.keys), (self.values, cache.values)):
+            for layer, dst in enumerate(target):
+                dst[0, :, :n] = store[layer][row, :, :n]
+        cache.key_valid[0, :n] = True
+        cache.length = n
+        cache.next_position[0] = n
+
+    def release(self, row: int) -> None:
+        self.active[row] = 0
+        self.next_position[row] = 0
+        self.length = int(self.next_position.max())
+
+    def append_valid(self, n: int, valid: torch.Tensor | None) -> torch.Tensor:
+        if n != 1 or valid is not None:
+            raise ValueError("a SlotCache takes one token per row, in a decode step")
+        self.reserve(1)
+        self.write_at = self.next_position.clone()
+        self.key_valid[self.rows, self.write_at] = True
+        self.next_position += self.active
+        return self.key_valid
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store each row's new key and value ([B, H, 1, D]) at that row's own column."""
+        index = self.write_at.view(-1, 1, 1, 1).expand_as(k)
+        self.keys[layer].scatter_(2, index, k)
+        self.values[layer].scatter_(2, index, v)
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, n: int) -> None:
+        self.length = int(self.next_position.max())
+
+
+_END = object()
+
+
+class Request:
+    """One generation submitted to an :class:`Engine`. Iterate it for the answer's text pieces
+    (a failure of the model raises :class:`GenerationError`); :meth:`cancel` or :meth:`close` to
+    stop it. Afterwards ``finish_reason`` is ``"stop"`` (an end token or stop string),
+    ``"length"`` (the token limit), ``"cancelled"`` or ``"error"``."""
+
+    _ids = itertools.count()
+
+    def __init__(
+        self,
+        ids: list[int],
+        params: Sampling,
+        visual_prompt: torch.Tensor | None,
+        cache: KVCache | None,
+        cancel: threading.Event | None,
+        stream: TextStream,
+        device: torch.device,
+        wake: Callable[[], None],
+    ) -> None:
+        self.id = next(self._ids)
+        self.ids, self.params, self.visual_prompt = ids, params, visual_prompt
+        self.cache = cache
+        self.cancelled = cancel or threading.Event()
+        self.stream = stream
+        self.generated: list[int] = []
+        self.prompt_tokens = len(ids) + (cache.length if cache is not None else 0)
+        self.finish_reason: FinishReason | None = None
+        self.error: BaseException | None = None
+        self.generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+        self.history = torch.tensor([ids], device=device) if params.repetition_penalty != 1.0 else None
+        self.prefilled = 0
+        self.slot: int | None = None
+        self.last_token = 0
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._notify: Callable[[], None] | None = None
+        self._done = threading.Event()
+        self._wake = wake
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.generated)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request; it leaves its slot before the next step."""
+        self.cancelled.set()
+        self._wake()
+
+    def close(self) -> None:
+        """Stop the request and wait until the engine has let go of it (and of its cache)."""
+        if not self._done.is_set():
+            self.cancel()
+            self._done.wait()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                item = self._events.get()
+                if item is _END or self.cancelled.is_set():
+                    break
+                yield item
+            self._raise_failure()
+        finally:
+            self.close()
+
+    async def __aiter__(self):
+        """The same pieces for asyncio code, without holding a thread while waiting."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        self._notify = lambda: loop.call_soon_threadsafe(ready.set)
+        try:
+            while True:
+                try:
+                    item = self._events.get_nowait()
+                except queue.Empty:
+                    await ready.wait()
+                    ready.clear()
+                    continue
+                if item is _END or self.cancelled.is_set():
+                    break
+                yield item
+            self._raise_failure()
+        finally:
+            self._notify = None
+            if not self.done:
+                self.cancel()
+
+    def _raise_failure(self) -> None:
+        if self.error is not None:
+            e = self.error
+            message = f"The model failed while writing the answer ({type(e).__name__}: {e}). Try again."
+            raise GenerationError(message) from e
+
+    # -- engine side --
+
+    def post(self, item: object) -> None:
+        self._events.put(item)
+        notify = self._notify
+        if notify is not None:
+            try:
+                notify()
+            except RuntimeError:  # the consumer's event loop has closed: nobody is listening
+                pass
+
+
+class Engine:
+    """The scheduler: owns ``model`` (no one else may run it while the engine lives) and decodes
+    every submitted request in one batch of ``config.max_batch`` slots. See the module docstring."""
+
+    def __init__(self, model: LlamaAdapter, tokenizer: Tokenizer, config: EngineConfig | None = None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or EngineConfig()
+        self.device = model.tok_embeddings.weight.device
+        self._rows: list[Request | None] = [None] * self.config.max_batch
+        self._waiting: deque[Request] = deque()
+        self._running = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        with torch.inference_mode():
+            self.slots = SlotCache(model, self.config.max_batch)
+            self._warm_up()
+        self._thread = threading.Thread(target=self._loop, name="llama-adapter-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        """Requests submitted and not yet finished: waiting or holding a slot."""
+        return self._running
+
+    @property
+    def active(self) -> int:
+        """Requests holding a slot (prefilling or decoding)."""
+        return sum(r is not None for r in self._rows)
+
+    def submit(
+        self,
+        ids: list[int],
+        params: Sampling,
+        *,
+        visual_prompt: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Request:
+        """Queue a generation from prompt token ``ids`` (continuing a batch-1 ``cache`` that holds
+        the conversation so far, if given; the engine writes the finished turn back into it)."""
+        if not ids:
+            raise InputError("The prompt has no tokens.")
+        past = cache.length if cache is not None else 0
+        longest = past + len(ids) + params.max_new_tokens - 1
+        if longest > self.model.config.max_seq_len:
+            raise InputError(
+                f"The prompt ({past + len(ids):,} tokens) and the answer ({params.max_new_tokens:,}) do not fit "
+                f"this model's context of {self.model.config.max_seq_len:,} tokens."
+            )
+        stream = TextStream(self.tokenizer, params.stop)
+        request = Request(ids, params, visual_prompt, cache, cancel, stream, self.device, self._wake)
+        with self._cond:
+            if self._closed:
+                raise GenerationError("The engine has been closed.")
+            self._drop_cancelled_waiting()
+            if len(self._waiting) >= self.config.max_waiting:
+                raise EngineBusy(
+                    f"The server is busy: {self.active} answers are being written and {len(self._waiting)} "
+                    "requests are waiting. Try again in a moment."
+                )
+            self._waiting.append(request)
+            self._running += 1
+            self._cond.notify()
+        return request
+
+    def close(self) -> None:
+        """Stop the scheduler; requests still waiting or decoding end as cancelled."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._closed and not self._waiting and not any(self._rows):
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                try:
+                    self._iterate()
+                except Exception as e:  # a bug of ours, not the model's: end what is running, keep serving
+                    for request in self._rows:
+                        if request is not None:
+                            self._fail(request, e)
+            for request in [*self._waiting, *self._rows]:
+                if request is not None:
+                    self._finish(request, "cancelled")
+
+    def _iterate(self) -> None:
+        """Admit waiting requests to free slots, let cancelled ones go, prefill one chunk, decode one step."""
+        with self._cond:
+            self._drop_cancelled_waiting()
+            self._admit()
+        for request in self._rows:
+            if request is not None and request.cancelled.is_set():
+                self._finish(request, "cancelled")
+        self._prefill_chunk()
+        self._decode_step()
+
+    def _drop_cancelled_waiting(self) -> None:
+        for request in [r for r in self._waiting if r.cancelled.is_set()]:
+            self._waiting.remove(request)
+            self._finish(request, "cancelled")
+
+    def _admit(self) -> None:
+        for slot, holder in enumerate(self._rows):
+            if holder is None and self._waiting:
+                request = self._waiting.popleft()
+                request.slot = slot
+                if request.cache is None:
+                    request.cache = self.model.new_cache(1)
+                self._rows[slot] = request
+
+    def _prefill_chunk(self) -> None:
+        """One chunk of the prompt of the request that came first among those still prefilling."""
+        prefilling = [r for r in self._rows if r is not None and r.prefilled < len(r.ids)]
+        if not prefilling:
+            return
+        request = min(prefilling, key=lambda r: r.id)
+        chunk = request.ids[request.prefilled : request.prefilled + self.config.prefill_chunk]
+        try:
+            x = torch.tensor([chunk], device=self.device)
+            logits = self.model(x, visual_prompt=request.visual_prompt, cache=request.cache, last_only=True)
+            request.prefilled += len(chunk)
+            if request.prefilled < len(request.ids):
+                return
+            self.slots.load(request.slot, request.cache)
+            self._accept(request, self._sample(request, logits[:, -1]))
+        except Exception as e:  # out of memory, a device error: this request ends, the others go on
+            self._fail(request, e)
+
+    def _decode_step(self) -> None:
+        decoding = [r for r in self._rows if r is not None and r.prefilled == len(r.ids)]
+        if not decoding:
+            return
+        tokens = torch.zeros(self.config.max_batch, 1, dtype=torch.long)
+        for r in decoding:
+            tokens[r.slot, 0] = r.last_token
+        try:
+            logits = self.model(tokens.to(self.device), cache=self.slots)[:, -1]
+        except Exception as e:  # a half-done step has written into every row: all of them end
+            for r in decoding:
+                self._fail(r, e)
+            return
+        for r in decoding:
+            try:
+                self._accept(r, self._sample(r, logits[r.slot : r.slot + 1]))
+            except Exception as e:
+                self._fail(r, e)
+
+    def _sample(self, request: Request, logits: torch.Tensor) -> int:
+        return int(sample_next(logits, request.params, request.generator, request.history))
+
+    def _accept(self, request: Request, token: int) -> None:
+        """Record a sampled token: send its text, and end the request if it is done."""
+        request.generated.append(token)
+        if token in self.tokenizer.stop_ids:
+            self._finish(request, "stop")
+            return
+        piece = request.stream.push(token)
+        if piece:
+            request.post(piece)
+        if request.stream.stopped:
+            self._finish(request, "stop")
+        elif len(request.generated) >= request.params.max_new_tokens:
+            self._finish(request, "length")
+        else:
+            request.last_token = token
+            if request.history is not None:
+                request.history = torch.cat([request.history, torch.tensor([[token]], device=self.device)], 1)
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        log.error("Generation failed: %s: %s", type(error).__name__, error, exc_info=error)
+        request.error = error
+        self._finish(request, "error")
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        """End ``request``: its last text, its cache written back (a conversation's next turn
+        reuses it), its slot freed, and whoever waits on it told."""
+        if request.done:
+            return
+        request.finish_reason = reason
+        slot = request.slot
+        try:
+            if reason in ("stop", "length"):
+                tail = request.stream.finish()
+                if tail:
+                    request.post(tail)
+            if slot is not None and reason != "error" and request.prefilled == len(request.ids):
+                self.slots.save(slot, request.cache)
+        except Exception as e:  # keep the engine alive; the request still ends
+            log.exception("Could not finish a request cleanly")
+            request.error, request.finish_reason = e, "error"
+        finally:
+            if slot is not None:
+                self.slots.release(slot)
+                self._rows[slot] = None
+            with self._cond:
+                self._running -= 1
+            request.post(_END)
+            request._done.set()
+
+    def _warm_up(self) -> None:
+        """One decode step through every slot before serving: a compiled decode step compiles
+        here for this batch shape (the cache length left dynamic), not in the first user's
+        answer. If that compile fails, decoding stays eager (slower, same answers)."""
+        cache = self.model.new_cache(1)
+        self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=cache)
+        self.slots.load(0, cache)
+        tokens = torch.zeros(self.config.max_batch, 1, dtype=torch.long, device=self.device)
+        if "decode_step" in vars(self.model):  # compiled (LlamaAdapter.compile_decoding)
+            from torch._dynamo import mark_dynamic
+
+            for buffer in (*self.slots.keys, *self.slots.values):
+                mark_dynamic(buffer, 2)
+            mark_dynamic(self.slots.key_valid, 1)
+            log.info("Compiling the decode step for a batch of %d", self.config.max_batch)
+            try:
+                self.model(tokens, cache=self.slots)
+            except Exception as e:  # inductor's failures are many and version-specific
+                log.warning("Could not compile the batched decode step (%s); decoding stays eager", e)
+                del self.model.decode_step
+                self.slots.release(0)
+                self.slots.load(0, cache)
+        self.model(tokens, cache=self.slots)
+        self.slots.release(0)

@@ -1,0 +1,211 @@
+"""The engine: every request decoded together, each answer the same as alone (greedy and seeded),
+requests joining and leaving mid-way, prompts prefilled in chunks between decode steps, cancel
+and a bounded queue; checked against transformers and against each request run alone."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+from conftest import random_hf_model
+from PIL import Image, ImageDraw
+
+from llama_adapter import EngineBusy
+from llama_adapter.engine import Engine, EngineConfig, SlotCache
+from llama_adapter.generate import Sampling
+
+PROMPTS = [
+    "Name three colours.",
+    "What shape is this?",
+    "Describe the image.",
+    "The quick brown fox jumps over the lazy dog. What does the fox do?",
+    "Count to five.",
+    "A red circle sits next to a blue square. What colour is the shape?",
+]
+
+
+def wait_until(condition, seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the engine did not get there"
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def endless(tiny_pipe):
+    """The tiny model's tokenizer without end tokens: answers run to their token limit."""
+    tokenizer = copy.copy(tiny_pipe.tokenizer)
+    tokenizer.stop_ids = set()
+    return tokenizer
+
+
+@pytest.fixture
+def engine(tiny_pipe):
+    engines: list[Engine] = []
+
+    def make(tokenizer=None, **config: Any) -> Engine:
+        engines.append(Engine(tiny_pipe.model, tokenizer or tiny_pipe.tokenizer, EngineConfig(**config)))
+        return engines[-1]
+
+    yield make
+    for e in engines:
+        e.close()
+
+
+def transformers_greedy(hf, ids: list[int], n: int, eos: int) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    return out[0, len(ids) :].tolist()
+
+
+def test_requests_joining_mid_way_decode_as_transformers_does_alone(tiny_pipe, engine):
+    """Six requests into four slots, each joining while the earlier ones decode (two wait for a
+    slot), prompts longer than a prefill chunk: every answer is transformers' greedy answer."""
+    hf = random_hf_model("tiny")  # the weights tiny_pipe was loaded from
+    eng = engine(max_batch=4, max_waiting=2, prefill_chunk=8)
+    params = Sampling(max_new_tokens=24)
+    rows = [tiny_pipe.encode(tiny_pipe.render(p)) for p in PROMPTS]
+    assert max(len(r) for r in rows) > 3 * 8
+    requests = []
+    for ids in rows:
+        requests.append(eng.submit(ids, params))
+        first, joined = requests[0], len(requests)
+        wait_until(lambda: first.completion_tokens >= min(2 * joined, 20) or first.done)  # noqa: B023
+    answers = ["".join(r) for r in requests]
+    eos = tiny_pipe.tokenizer.eos_id
+    assert [r.generated for r in requests] == [transformers_greedy(hf, ids, 24, eos) for ids in rows]
+    # The text is the tokens' (an incomplete UTF-8 character at the end is held back).
+    assert answers == [tiny_pipe.tokenizer.decode(r.generated).rstrip("\ufffd") for r in requests]
+    assert eng.running == 0 and eng.active == 0
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny_pipe, engine):
+    eng = engine(max_batch=4)
+    rows = [tiny_pipe.encode(tiny_pipe.render(p)) for p in PROMPTS[:4]]
+    params = [Sampling(max_new_tokens=20, temperature=0.9, top_p=0.9, seed=i) for i in range(4)]
+    alone = []
+    for ids, p in zip(rows, params):
+        request = eng.submit(ids, p)
+        list(request)
+        alone.append(request.generated)
+    together = [eng.submit(ids, p) for ids, p in zip(rows, params)]
+    for r in together:
+        list(r)
+    assert [r.generated for r in together] == alone
+    assert len({tuple(a) for a in alone}) == 4
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny_pipe, endless, engine, monkeypatch):
+    eng = engine(endless, max_batch=2, prefill_chunk=8)
+    calls: list[str] = []
+    real = tiny_pipe.model.forward
+
+    def forward(*args: Any, cache=None, **kwargs: Any) -> Any:
+        calls.append("step" if isinstance(cache, SlotCache) else "chunk")
+        return real(*args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.model, "forward", forward)
+    decoding = eng.submit(tiny_pipe.encode("Count to five."), Sampling(max_new_tokens=200))
+    wait_until(lambda: decoding.completion_tokens >= 3)
+    long_prompt = tiny_pipe.encode(PROMPTS[3] * 2)
+    assert len(long_prompt) + 4 <= tiny_pipe.context_length
+    assert len(long_prompt) > 8 * 8
+    start = len(calls)
+    newcomer = eng.submit(long_prompt, Sampling(max_new_tokens=4))
+    list(newcomer)
+    decoding.close()
+    seen = calls[start:]
+    chunks = [i for i, kind in enumerate(seen) if kind == "chunk"]
+    assert len(chunks) == -(-len(long_prompt) // 8)
+    # Between two chunks of the newcomer's prompt, the request already decoding took a step.
+    assert all(seen[a + 1 : b].count("step") >= 1 for a, b in zip(chunks, chunks[1:]))
+    assert newcomer.finish_reason == "length" and decoding.finish_reason == "cancelled"
+
+
+def test_cancel_frees_the_slot_before_the_next_step(tiny_pipe, endless, engine):
+    eng = engine(endless, max_batch=1)
+    ids = tiny_pipe.encode("Count to five.")
+    first = eng.submit(ids, Sampling(max_new_tokens=200))
+    pieces = iter(first)
+    next(pieces)
+    second = eng.submit(ids, Sampling(max_new_tokens=5))
+    assert eng.running == 2 and eng.active == 1  # the second waits for the only slot
+    pieces.close()  # the reader went away
+    assert first.finish_reason == "cancelled" and first.completion_tokens < 200
+    list(second)
+    assert second.finish_reason == "length" and second.completion_tokens == 5
+    assert eng.running == 0
+
+
+def test_a_full_queue_refuses_at_once_and_a_cancelled_request_makes_room(tiny_pipe, endless, engine):
+    eng = engine(endless, max_batch=1, max_waiting=1)
+    ids = tiny_pipe.encode("Count to five.")
+    running = eng.submit(ids, Sampling(max_new_tokens=200))
+    wait_until(lambda: running.completion_tokens > 0)
+    waiting = eng.submit(ids, Sampling(max_new_tokens=5))
+    with pytest.raises(EngineBusy, match="busy"):
+        eng.submit(ids, Sampling(max_new_tokens=5))
+    waiting.close()
+    assert waiting.finish_reason == "cancelled" and waiting.completion_tokens == 0
+    third = eng.submit(ids, Sampling(max_new_tokens=5))
+    running.close()
+    assert "".join(third) and third.finish_reason == "length"
+
+
+def test_stop_strings_and_end_tokens_end_a_request_with_reason_stop(tiny_pipe, engine):
+    eng = engine(max_batch=2)
+    ids = tiny_pipe.encode(tiny_pipe.render("Name three colours."))
+    whole = eng.submit(ids, Sampling(max_new_tokens=40))
+    text = "".join(whole)
+    assert len(text) > 10
+    stop = text[5:8]
+    cut = eng.submit(ids, Sampling(max_new_tokens=40, stop=(stop,)))
+    assert "".join(cut) == text[: text.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_each_row_sees_its_own_image():
+    """The demo model (paper wiring, a visual prompt in every layer): two images decoded in one
+    batch give each the answer it gets alone."""
+    from test_image_chat import visual_pipeline
+
+    pipe = visual_pipeline()
+    question = "What color is the shape? Answer with one word."
+    images = []
+    for colour in ("red", "blue", "green"):
+        img = Image.new("RGB", (96, 96), "white")
+        ImageDraw.Draw(img).ellipse((16, 16, 80, 80), fill=colour)
+        images.append(img)
+    alone = [pipe.generate(question, image=img, max_new_tokens=6) for img in images]
+    together = pipe.generate_batch([question] * 3, images, max_new_tokens=6)
+    assert together == alone
+    assert len(set(alone)) > 1, alone  # the rows really saw different images
+
+
+def test_eight_concurrent_greedy_answers_of_the_real_model_equal_their_solo_answers(smol):
+    prompts = [
+        "Name three colours.",
+        "What is 2 + 2?",
+        "Write a haiku about the sea.",
+        "Hi",
+        "Explain why the sky is blue.",
+        "Give me three tips for learning a new language.",
+        "What is the capital of France?",
+        "Write one sentence about rivers.",
+    ]
+    solo = [smol.generate(p, max_new_tokens=48) for p in prompts]
+    answers: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        answers[i] = smol.generate(prompts[i], max_new_tokens=48)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [answers[i] for i in range(len(prompts))] == solo
+    assert smol.generate_batch(prompts, max_new_tokens=48) == solo
