@@ -109,14 +109,22 @@ def test_models_lists_the_loaded_model(url):
 
 
 def test_a_text_answer_with_usage_is_the_librarys_answer(url, pipe):
-    response = client(url).chat.completions.create(model="demo", messages=QUESTION, max_tokens=12, temperature=0)
-    expected = pipe.generate(QUESTION, max_new_tokens=12, temperature=0)
-    choice = response.choices[0]
-    assert choice.message.role == "assistant" and choice.message.content == expected
-    prompt_tokens = len(pipe.encode(pipe.render(QUESTION)))
-    assert response.usage.prompt_tokens == prompt_tokens
-    assert response.usage.total_tokens == prompt_tokens + response.usage.completion_tokens
-    assert choice.finish_reason == "length" and response.usage.completion_tokens == 12
+    api = client(url)
+    story = [{"role": "user", "content": "Write a long story about a dragon and a knight."}]
+    for messages, limit, reason in ((story, 8, "length"), (QUESTION, 200, "stop")):
+        response = api.chat.completions.create(model="demo", messages=messages, max_tokens=limit, temperature=0)
+        expected = pipe.generate(messages, max_new_tokens=limit, temperature=0)
+        choice = response.choices[0]
+        assert choice.message.role == "assistant" and choice.message.content == expected
+        prompt_tokens = len(pipe.encode(pipe.render(messages)))
+        assert response.usage.prompt_tokens == prompt_tokens
+        assert response.usage.total_tokens == prompt_tokens + response.usage.completion_tokens
+        assert choice.finish_reason == reason
+        assert (
+            response.usage.completion_tokens == limit
+            if reason == "length"
+            else response.usage.completion_tokens < limit
+        )
 
 
 def test_an_image_as_a_data_url_is_what_the_model_sees(url, pipe):
@@ -173,7 +181,8 @@ def test_streaming_sends_the_same_answer_in_pieces_and_usage_last(url):
     )
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 3 and "".join(pieces) == whole.choices[0].message.content
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons == [whole.choices[0].finish_reason]
     assert not chunks[-1].choices and chunks[-1].usage.model_dump() == whole.usage.model_dump()
     assert all(c.usage is None for c in chunks[:-1])
 
