@@ -1,9 +1,15 @@
-"""Load test: N gradio_client users against the app for D seconds, mixing streamed chat and image
-questions with and without OCR. Reports requests, failures, queue-full refusals (handled: the
-user is told to try again), p50/p95 latency, and the server's resident memory at start and end.
+"""Load test: N users against the app for D seconds: gradio_client users mixing streamed chat and
+image questions with and without OCR, and OpenAI-client users streaming chat and image questions
+from ``/v1/chat/completions`` on the same port. Reports requests, failures, queue-full refusals
+(handled: the user is told to try again), p50/p95 latency, throughput (answer tokens per second
+over all users), and the server's resident memory at start and end.
 
     python -m benchmarks.load                                    # starts `python app.py` on 127.0.0.1
-    python -m benchmarks.load --url http://127.0.0.1:7860/ --pid 1234 --users 20 --seconds 120
+    python -m benchmarks.load --url http://127.0.0.1:7860/ --pid 1234 --users 20 --api-users 10 --seconds 120
+    python -m benchmarks.load -- --max-batch 1                   # the one-answer-at-a-time server
+
+Tokens: the API reports them (``usage``); a Gradio answer's are counted with the tokenizer of
+``--tokenizer`` (default SmolLM2's, the demo model's base).
 
 The measured window follows a warm-up: one request of each kind and every image through OCR once
 (models load on first use; OCR text is cached per image), then the same load as the window for
@@ -38,7 +44,9 @@ from typing import Any, Iterator  # noqa: E402
 log = logging.getLogger("benchmarks.load")
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("chat", "image", "image+ocr")
+GRADIO_KINDS = ("chat", "image", "image+ocr")
+API_KINDS = ("api-chat", "api-image")
+KINDS = (*GRADIO_KINDS, *API_KINDS)
 SAMPLE_EVERY = 10.0
 CHAT_PROMPTS = [
     "Name three colours.",
@@ -55,6 +63,7 @@ class Result:
     seconds: float
     outcome: str  # "ok", "queue_full" (handled: the user was told to try again) or "failed"
     error: str = ""
+    tokens: int = 0  # of the answer
 
 
 @dataclass
@@ -91,6 +100,10 @@ class Report:
     def latencies(self, kind: str | None = None) -> list[float]:
         return sorted(r.seconds for r in self.results if r.outcome == "ok" and kind in (None, r.kind))
 
+    def throughput(self, kind: str | None = None) -> float:
+        """Answer tokens per second of the window, over all users (or those of ``kind``)."""
+        return sum(r.tokens for r in self.results if r.outcome == "ok" and kind in (None, r.kind)) / self.seconds
+
     def table(self) -> str:
         def pct(values: list[float], q: float) -> str:
             return f"{values[min(len(values) - 1, int(q * len(values)))]:.1f}" if values else "-"
@@ -100,7 +113,7 @@ class Report:
             f"{self.count('ok')} ok, {self.queue_full} queue-full (handled), {self.count('failed')} failed",
             "",
             f"{'kind':<10} {'requests':>8} {'ok':>5} {'queue-full':>10} {'failed':>6} "
-            f"{'p50 s':>7} {'p95 s':>7} {'max s':>7}",
+            f"{'p50 s':>7} {'p95 s':>7} {'max s':>7} {'tokens/s':>9}",
         ]
         for kind in (*KINDS, None):
             rows = [r for r in self.results if kind in (None, r.kind)]
@@ -108,7 +121,7 @@ class Report:
             lines.append(
                 f"{kind or 'all':<10} {len(rows):>8} {self.count('ok', kind):>5} {self.count('queue_full', kind):>10} "
                 f"{self.count('failed', kind):>6} {pct(lat, 0.5):>7} {pct(lat, 0.95):>7} "
-                f"{(f'{lat[-1]:.1f}' if lat else '-'):>7}"
+                f"{(f'{lat[-1]:.1f}' if lat else '-'):>7} {self.throughput(kind):>9.1f}"
             )
         if self.rss_start is not None and self.rss_end is not None:
             lines += [
@@ -134,6 +147,7 @@ class Report:
             "failed": self.failed,
             "p50_s": statistics.median(lat) if lat else None,
             "p95_s": lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else None,
+            "tokens_per_s": self.throughput(),
             "rss_start": self.rss_start,
             "rss_end": self.rss_end,
             "rss_growth_percent": self.growth,
@@ -179,22 +193,61 @@ def example_images(directory: Path | None = None) -> list[Path]:
 
 def _classify(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}"
-    return "queue_full" if "queue is full" in text.lower() else "failed"
+    full = "queue is full" in text.lower() or getattr(error, "status_code", None) == 503
+    return "queue_full" if full else "failed"
 
 
-def request(client: Any, kind: str, rng: random.Random, images: list[Path], max_new_tokens: int) -> None:
-    """One request of ``kind``, a prompt or image drawn with ``rng``; raises unless it was answered."""
+def request(client: Any, kind: str, rng: random.Random, images: list[Path], max_new_tokens: int, count: Any) -> int:
+    """One request of ``kind``, a prompt or image drawn with ``rng``; raises unless it was answered.
+    Returns the answer's tokens (``count(text)`` for a Gradio answer)."""
+    if kind in API_KINDS:
+        return api_request(client, kind, rng, images, max_new_tokens)
     from gradio_client import handle_file
 
     if kind == "chat":
-        client.predict(rng.choice(CHAT_PROMPTS), [], max_new_tokens=max_new_tokens, api_name="/chat")
-        return
+        return count(client.predict(rng.choice(CHAT_PROMPTS), [], max_new_tokens=max_new_tokens, api_name="/chat"))
     experts = ["ocr"] if kind == "image+ocr" else []
     question = "What does the image show?" if not experts else "What does the text say?"
     image = handle_file(str(rng.choice(images)))
     result = client.predict(image, question, experts, max_new_tokens=max_new_tokens, api_name="/describe_image")
     if not isinstance(result, dict) or not isinstance(result.get("answer"), str):
         raise RuntimeError(f"unexpected /describe_image result: {str(result)[:200]}")
+    return count(result["answer"])
+
+
+def api_request(client: Any, kind: str, rng: random.Random, images: list[Path], max_new_tokens: int) -> int:
+    """A streamed ``/v1/chat/completions`` request through the ``openai`` client."""
+    import base64
+
+    content: Any = rng.choice(CHAT_PROMPTS)
+    if kind == "api-image":
+        encoded = base64.b64encode(rng.choice(images).read_bytes()).decode()
+        content = [
+            {"type": "text", "text": "What does the image show?"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encoded}"}},
+        ]
+    stream = client.chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": content}],
+        max_tokens=max_new_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = None
+    for chunk in stream:
+        usage = chunk.usage or usage
+    if usage is None:
+        raise RuntimeError("the stream ended without usage")
+    return usage.completion_tokens
+
+
+def token_counter(tokenizer_dir: Path | None) -> Any:
+    """Counts a Gradio answer's tokens with the model's tokenizer (``None``: SmolLM2's)."""
+    from llama_adapter.tokenizer import load_tokenizer
+    from llama_adapter.weights import smollm2_dir
+
+    tokenizer = load_tokenizer(tokenizer_dir or smollm2_dir())
+    return lambda text: len(tokenizer.encode(text, bos=False))
 
 
 def run_load(
@@ -208,34 +261,51 @@ def run_load(
     seed: int = 0,
     max_new_tokens: int = 24,
     mix: tuple[float, float, float] = (0.5, 0.25, 0.25),
+    api_users: int = 0,
+    api_mix: tuple[float, float] = (0.5, 0.5),
+    tokenizer: Path | None = None,
 ) -> Report:
-    """``users`` gradio_client users, each asking one question after another: for ``warmup``
-    seconds (counted apart: memory settles as every worker thread and input size is first seen),
-    then for ``seconds``, the measured window. Requests still running at the end are waited for."""
+    """``users`` users, each asking one question after another (the first ``api_users`` through
+    the OpenAI client, streaming, the others through gradio_client): for ``warmup`` seconds
+    (counted apart: memory settles as every worker thread and input size is first seen), then for
+    ``seconds``, the measured window. Requests still running at the end are waited for."""
     from gradio_client import Client
 
     images = images or example_images()
     report = Report(users, seconds)
+    count = token_counter(tokenizer)
+
+    def connect(api: bool) -> Any:
+        if api:
+            import openai
+
+            return openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=600)
+        return Client(url, verbose=False)
+
     first = Client(url, verbose=False)
     # Models load on first use, and OCR runs once per image (then its text is cached): both are done
     # here, untimed, so that the window measures the steady state.
-    for kind, weight in zip(KINDS, mix):
+    for kind, weight in zip(GRADIO_KINDS, mix):
         for image in images if kind == "image+ocr" else images[:1]:
             if weight:
-                request(first, kind, random.Random(seed), [image], max_new_tokens)
+                request(first, kind, random.Random(seed), [image], max_new_tokens, count)
+    if api_users:
+        for kind in API_KINDS:
+            request(connect(True), kind, random.Random(seed), images[:1], max_new_tokens, count)
     lock = threading.Lock()
     measured_from = time.monotonic() + warmup
     deadline = measured_from + seconds
 
     def user(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
-        client = Client(url, verbose=False)
+        api = index < api_users
+        client = connect(api)
         while time.monotonic() < deadline:
-            kind = rng.choices(KINDS, weights=mix)[0]
+            kind = rng.choices(API_KINDS, weights=api_mix)[0] if api else rng.choices(GRADIO_KINDS, weights=mix)[0]
             started = time.monotonic()
             try:
-                request(client, kind, rng, images, max_new_tokens)
-                result = Result(kind, time.monotonic() - started, "ok")
+                tokens = request(client, kind, rng, images, max_new_tokens, count)
+                result = Result(kind, time.monotonic() - started, "ok", tokens=tokens)
             except Exception as e:  # every failure is a result to report, not a crash of the load test
                 result = Result(kind, time.monotonic() - started, _classify(e), f"{type(e).__name__}: {e}"[:300])
             with lock:
@@ -321,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="an app already running (default: start `python app.py` on a free port)")
     p.add_argument("--pid", type=int, help="the server's process id, for its memory (with --url)")
     p.add_argument("--users", type=int, default=20)
+    p.add_argument("--api-users", type=int, default=10, help="of the users, those on the OpenAI API (default 10)")
+    p.add_argument("--tokenizer", type=Path, help="the served model's tokenizer folder (default: SmolLM2's)")
     p.add_argument("--seconds", type=float, default=120.0, help="the measured window (default 120)")
     p.add_argument("--warmup", type=float, default=30.0, help="seconds of load before it (default 30)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="per answer (default 24)")
@@ -332,7 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     with tempfile.TemporaryDirectory(prefix="load-") as tmp, served(args, Path(tmp)) as server:
-        log.info("Load: %d users for %.0f s against %s", args.users, args.seconds, server.url)
+        log.info(
+            "Load: %d users (%d on the OpenAI API) for %.0f s against %s",
+            args.users,
+            args.api_users,
+            args.seconds,
+            server.url,
+        )
         report = run_load(
             server.url,
             users=args.users,
@@ -341,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             pid=server.pid,
             seed=args.seed,
             max_new_tokens=args.max_new_tokens,
+            api_users=args.api_users,
+            tokenizer=args.tokenizer,
         )
     print(report.table())
     if args.json:

@@ -24,8 +24,10 @@ from PIL import Image, ImageDraw, ImageFont
 from test_image_chat import visual_pipeline
 
 import app
-from experts import Availability, Expert, Registry, default_registry
+from experts import Availability, Expert, Registry, default_registry, run_experts
 from llama_adapter import CheckpointError, Pipeline
+from llama_adapter import serve as openai_api
+from llama_adapter.engine import EngineConfig
 from llama_adapter.pipeline import Limits
 
 pytestmark = pytest.mark.slow
@@ -98,8 +100,9 @@ def serve() -> Served:
     registry = Registry([*default_registry(), Flaky()])
     examples = example_dir(workdir)
     demo = app.build_demo(pipe, registry=registry, examples_dir=examples)
+    api = openai_api.api_router(pipe, openai_api.ApiConfig(experts=functools.partial(run_experts, registry=registry)))
     port = free_port()
-    app.launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False)
+    app.launch(demo, host="127.0.0.1", port=port, api=api, prevent_thread_lock=True, quiet=True, ssr_mode=False)
     atexit.register(demo.close)
     return Served(f"http://127.0.0.1:{port}/", demo, pipe, examples, render_sign(workdir / "sign.png"), registry)
 
@@ -210,6 +213,27 @@ def test_bad_input_gets_a_plain_message_and_the_app_goes_on(client, bad_images, 
     assert isinstance(client.predict("Say hi.", [], max_new_tokens=2, api_name="/chat"), str)  # still serving
 
 
+def test_the_openai_api_answers_on_the_apps_port(served):
+    """The same engine behind both doors: /v1 on the Gradio port, experts included."""
+    import base64
+
+    import openai
+
+    api = openai.OpenAI(base_url=f"{served.url}v1", api_key="unused", max_retries=0)
+    assert [m.id for m in api.models.list().data] == ["demo-adapter"]
+    image = "data:image/png;base64," + base64.b64encode(served.sign.read_bytes()).decode()
+    content = [{"type": "text", "text": "What does the sign say?"}, {"type": "image_url", "image_url": {"url": image}}]
+    r = api.chat.completions.create(
+        model="demo-adapter",
+        messages=[{"role": "user", "content": content}],
+        max_tokens=8,
+        temperature=0,
+        extra_body={"experts": ["flaky"]},
+    )
+    assert r.choices[0].message.content and r.model_extra["experts"][0]["status"] == "failed"
+    assert httpx.get(served.url).status_code == 200  # and the app is still there
+
+
 # -- wiring ----------------------------------------------------------------------------------------------
 
 
@@ -218,7 +242,9 @@ def test_model_events_share_one_queue_slot_and_the_queue_is_bounded(served):
     model_fns |= {"chat_api", "describe_image_api", "compare_api"}
     fns = [fn for fn in served.demo.fns.values() if fn.name in model_fns]
     assert {fn.name for fn in fns} == model_fns
-    assert all(fn.concurrency_id == "model" and fn.concurrency_limit == 1 for fn in fns)
+    # As many model events run at once as the engine decodes together; the rest wait in Gradio's queue.
+    slots = served.pipe.engine.config.max_batch
+    assert all(fn.concurrency_id == "model" and fn.concurrency_limit == slots for fn in fns)
     instant = [fn for fn in served.demo.fns.values() if fn.name in ("stop", "chat_undo", "image_undo", "image_clear")]
     assert instant and not any(fn.queue for fn in instant)  # Stop, Undo, Clear do not wait behind answers
     assert served.demo._queue.max_size == app.QUEUE_SIZE
@@ -278,8 +304,11 @@ def test_main_loads_once_and_launches(monkeypatch, served):
     expected = {"device": "cpu", "dtype": None, "quantize": "int8", "compile": True, "limits": limits}
     assert loads == [((None, "mine.safetensors"), expected)]
     [(demo, kwargs)] = launches
+    api = kwargs.pop("api")
     door = {"allowed_dirs": [], "allow_urls": False}
     assert isinstance(demo, gr.Blocks) and kwargs == {"host": None, "port": 9001, "share": False, **door}
+    assert {route.path for route in api.routes} == {"/v1/models", "/v1/chat/completions"}
+    assert served.pipe.engine.config == EngineConfig(max_batch=8, max_waiting=app.QUEUE_SIZE)
 
 
 def test_main_says_why_the_model_did_not_load(monkeypatch, caplog):
