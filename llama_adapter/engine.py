@@ -316,12 +316,14 @@ class Engine:
             self._cond.notify()
         return request
 
-    def close(self) -> None:
-        """Stop the scheduler; requests still waiting or decoding end as cancelled."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the scheduler; requests still waiting or decoding end as cancelled. ``wait``:
+        until its thread has ended."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
 
     # -- the loop ----------------------------------------------------------------------------------
 

@@ -471,7 +471,8 @@ class _Answer:
             error = {"message": str(e), "type": "server_error", "param": None, "code": None}
             yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
-            self.generation.cancel()  # a client gone mid-stream: its slot is freed before the next step
+            if not self.generation.done:
+                self.generation.cancel()  # a client gone mid-stream: its slot is freed before the next step
         yield "data: [DONE]\n\n"
 
 
