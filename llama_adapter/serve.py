@@ -202,10 +202,25 @@ def load_image_url(url: str, config: ApiConfig, param: str) -> bytes:
 
 
 def _fetch(url: str, config: ApiConfig, param: str) -> bytes:
+    """GET a public image URL: no private, loopback or link-local address (the server's own
+    network is not the client's to browse), no redirects, at most ``max_image_bytes``."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
     import httpx
 
+    host = urlsplit(url).hostname or ""
     try:
-        with httpx.stream("GET", url, timeout=config.remote_timeout_s, follow_redirects=True) as response:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        raise _bad(f"Could not resolve the image URL's host {host!r}.", param) from None
+    if any(not ipaddress.ip_address(a.split("%")[0]).is_global for a in addresses):
+        raise _bad("Image URLs must point to a public address.", param)
+    try:
+        with httpx.stream("GET", url, timeout=config.remote_timeout_s, follow_redirects=False) as response:
+            if response.is_redirect:
+                raise _bad("The image URL redirects; give the final URL.", param)
             response.raise_for_status()
             data = bytearray()
             for chunk in response.iter_bytes():

@@ -275,6 +275,13 @@ def test_a_local_image_under_an_allowed_directory_is_read(pipe, tmp_path):
                 api.chat.completions.create(model="x", messages=image_message(escape), max_tokens=4)
 
 
+def test_remote_images_when_enabled_never_reach_the_servers_own_network(tiny_pipe):
+    with run_server(tiny_pipe, serve.ApiConfig(allow_remote_images=True)) as url:
+        for target in (f"{url}/v1/models", "http://localhost:1/x.png", "http://10.0.0.1/x.png"):
+            with pytest.raises(openai.BadRequestError, match="public address"):
+                client(url).chat.completions.create(model="x", messages=image_message(target), max_tokens=2)
+
+
 def test_a_full_queue_is_a_503_and_the_others_finish(slow):
     with run_server(slow, serve.ApiConfig()) as url:
         api = client(url)
