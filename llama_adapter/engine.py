@@ -114,9 +114,17 @@ class SlotCache(KVCache):
         cache.next_position[0] = n
 
     def release(self, row: int) -> None:
+        """Free ``row``. When the longest rows have left, the buffers shrink back: every step reads
+        all rows to the full capacity, so one long conversation must not leave it large."""
         self.active[row] = 0
         self.next_position[row] = 0
         self.length = int(self.next_position.max())
+        fitting = max(64, 2 * self.length)
+        if self.capacity > 2 * fitting:
+            for store in (self.keys, self.values):
+                for layer, buffer in enumerate(store):
+                    store[layer] = buffer[:, :, :fitting].clone()
+            self.key_valid = self.key_valid[:, :fitting].clone()
 
     def append_valid(self, n: int, valid: torch.Tensor | None) -> torch.Tensor:
         if n != 1 or valid is not None:

@@ -209,3 +209,19 @@ def test_eight_concurrent_greedy_answers_of_the_real_model_equal_their_solo_answ
         t.join()
     assert [answers[i] for i in range(len(prompts))] == solo
     assert smol.generate_batch(prompts, max_new_tokens=48) == solo
+
+
+def test_the_cache_shrinks_back_when_a_long_request_leaves(tiny_pipe, endless, engine):
+    eng = engine(endless, max_batch=2)
+    short = tiny_pipe.encode("Count to five.")
+    before = eng.submit(short, Sampling(max_new_tokens=20))
+    list(before)
+    long_prompt = tiny_pipe.encode(PROMPTS[3])
+    long = eng.submit(long_prompt, Sampling(max_new_tokens=tiny_pipe.context_length - len(long_prompt) - 8))
+    wait_until(lambda: long.completion_tokens > 150)
+    grown = eng.slots.capacity
+    long.close()
+    after = eng.submit(short, Sampling(max_new_tokens=20))
+    list(after)
+    assert grown >= 200 and eng.slots.capacity <= 64
+    assert after.generated == before.generated
