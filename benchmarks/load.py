@@ -402,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("app_args", nargs="*", help="passed to app.py (after --), e.g. -- --queue-size 8")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    for noisy in ("httpx", "openai"):  # a line per request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="load-") as tmp, served(args, Path(tmp)) as server:
         log.info(
             "Load: %d users (%d on the OpenAI API) for %.0f s against %s",
