@@ -29,10 +29,12 @@ submitted, in the caller's thread.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import queue
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
@@ -259,6 +261,17 @@ class Request:
                 pass
 
 
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_engines() -> None:
+    """Stop every engine's thread before the interpreter tears down: a thread still inside torch
+    then aborts the process ("terminate called without an active exception")."""
+    for engine in list(_engines):
+        engine.close()
+
+
 class Engine:
     """The scheduler: owns ``model`` (no one else may run it while the engine lives) and decodes
     every submitted request in one batch of ``config.max_batch`` slots. See the module docstring."""
@@ -277,6 +290,7 @@ class Engine:
             self._warm_up()
         self._thread = threading.Thread(target=self._loop, name="llama-adapter-engine", daemon=True)
         self._thread.start()
+        _engines.add(self)
 
     @property
     def running(self) -> int:

@@ -91,7 +91,8 @@ class Pipeline:
     def _start_engine(self, config: EngineConfig) -> Engine:
         self._engine = Engine(self.model, self.tokenizer, config)
         # The engine's thread holds the model: a pipeline that is dropped stops it, and frees both.
-        weakref.finalize(self, self._engine.close, wait=False)
+        # At exit too, and joined: a thread still in torch while the interpreter tears down aborts it.
+        weakref.finalize(self, self._engine.close)
         return self._engine
 
     @property
