@@ -12,6 +12,7 @@ from .build import load
 from .config import AdapterConfig, LlamaConfig
 from .engine import Engine, EngineConfig
 from .errors import CheckpointError, EngineBusy, InputError, LlamaAdapterError
+from .explain import Trace, explain
 from .generate import Sampling
 from .model import LlamaAdapter, count_parameters, parameter_groups, set_trainable, trainable_parameters
 from .pipeline import ChatSession, Pipeline
@@ -30,7 +31,9 @@ __all__ = [
     "LlamaConfig",
     "Pipeline",
     "Sampling",
+    "Trace",
     "count_parameters",
+    "explain",
     "format_alpaca",
     "load",
     "parameter_groups",

@@ -2,6 +2,8 @@
 
 Without ``--prompt`` it is interactive: type a message; ``/image PATH`` switches image,
 ``/undo`` drops the last turn, ``/reset`` starts over, ``/exit`` (or Ctrl-D) quits.
+``--prompt P --explain DIR`` also writes what the answer drew on (``trace.json`` and PNGs, see
+:mod:`llama_adapter.explain`).
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from .build import load
 from .errors import LlamaAdapterError
+from .explain import explain
 from .pipeline import ChatSession, Pipeline
 
 
@@ -35,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="an image to talk about")
     p.add_argument("--prompt", help="ask this once and exit (otherwise: interactive)")
     p.add_argument("--system", help="system prompt")
+    p.add_argument(
+        "--explain",
+        metavar="DIR",
+        type=Path,
+        help="with --prompt: write what the answer drew on into DIR (trace.json; PNGs of where it looked, "
+        "the gates, each token's use of the adapter prompts)",
+    )
     gen = p.add_argument_group("sampling")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -84,8 +95,19 @@ def interactive(pipe: Pipeline, session: ChatSession, sampling: dict[str, Any]) 
             print("\n(interrupted)")
 
 
+def explain_answer(pipe: Pipeline, args: argparse.Namespace, sampling: dict[str, Any]) -> None:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    trace = explain(pipe, [*messages, {"role": "user", "content": args.prompt}], args.image, **sampling)
+    print(trace.answer)
+    written = trace.save(args.explain)
+    print(f"Wrote {', '.join(p.name for p in written)} to {args.explain}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.explain is not None and args.prompt is None:
+        parser.error("--explain needs --prompt (it explains one answer)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     sampling = {
         "max_new_tokens": args.max_new_tokens,
@@ -105,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             compile=args.compile,
             template=args.template,
         )
+        if args.explain is not None:
+            explain_answer(pipe, args, sampling)
+            return 0
         session = pipe.chat(system=args.system, image=args.image)
         if args.prompt is not None:
             stream_answer(session, args.prompt, sampling)

@@ -259,11 +259,18 @@ class ImageEncoderSpec:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    class_tokens: int = 0
+    """Feature tokens ahead of the spatial grid (CLIP's class token)."""
 
 
 IMAGE_ENCODERS: dict[str, ImageEncoderSpec] = {
     "clip-vit-l-14": ImageEncoderSpec(
-        "clip-vit-l-14", 768, 224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+        "clip-vit-l-14",
+        768,
+        224,
+        (0.48145466, 0.4578275, 0.40821073),
+        (0.26862954, 0.26130258, 0.27577711),
+        class_tokens=1,
     ),
     "efficientnet-lite0": ImageEncoderSpec("efficientnet-lite0", 1280, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }

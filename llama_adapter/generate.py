@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import InputError
-from .model import KVCache, LlamaAdapter
+from .model import KVCache, LlamaAdapter, Recorder
 from .tokenizer import Tokenizer
 
 
@@ -166,13 +166,15 @@ def decode_tokens(
     cache: KVCache | None = None,
     cancel: threading.Event | None = None,
     pad_id: int = 0,
+    record: Recorder | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, per step, the next token of every row: a stop id ends the row, which then yields
     ``None``.
 
     Prompts are left-padded into one batch. With a ``cache`` (batch 1) the prompt continues the
     cached tokens. Stops at the token limit, when every row has hit a stop id, or on ``cancel``.
-    Closing the iterator stops generation too.
+    Closing the iterator stops generation too. A ``record`` sees every model call (eager); each
+    yield follows the one call whose logits chose that step's tokens.
     """
     device = model.tok_embeddings.weight.device
     batch = len(prompts)
@@ -190,7 +192,12 @@ def decode_tokens(
     history = ids if params.repetition_penalty != 1.0 else None
 
     logits = model(
-        ids, visual_prompt=visual_prompt, attention_mask=mask if batch > 1 else None, cache=cache, last_only=True
+        ids,
+        visual_prompt=visual_prompt,
+        attention_mask=mask if batch > 1 else None,
+        cache=cache,
+        last_only=True,
+        record=record,
     )[:, -1]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
@@ -204,4 +211,4 @@ def decode_tokens(
             return
         if history is not None:
             history = torch.cat([history, token.unsqueeze(1)], 1)
-        logits = model(token.unsqueeze(1), visual_prompt=visual_prompt, cache=cache)[:, -1]
+        logits = model(token.unsqueeze(1), visual_prompt=visual_prompt, cache=cache, record=record)[:, -1]

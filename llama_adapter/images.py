@@ -98,19 +98,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def image_to_tensor(img: Image.Image, encoder: str, channel_order: str = "RGB") -> torch.Tensor:
-    """Resize (shorter side, bicubic), centre-crop and normalise for ``encoder``: a [3, S, S] tensor.
-
-    The resize and crop are torchvision's ``Resize(S, bicubic)`` and ``CenterCrop(S)``, CLIP's own
-    preprocessing, which the official checkpoints were trained with: the longer side truncated,
-    the crop centred with round-half-even. ``channel_order="BGR"`` swaps red and blue before
-    normalising, as the official checkpoints saw their training images (read with OpenCV).
-    """
+def encoder_view(img: Image.Image, encoder: str) -> Image.Image:
+    """The square the ``encoder`` sees: torchvision's ``Resize(S, bicubic)`` and ``CenterCrop(S)``,
+    CLIP's own preprocessing, which the official checkpoints were trained with (the shorter side
+    resized, the longer truncated, the crop centred with round-half-even)."""
     import torchvision.transforms.functional as TF  # here: seconds to import, and text-only use never needs it
 
+    size = IMAGE_ENCODERS[encoder].image_size
+    return TF.center_crop(TF.resize(img, size, TF.InterpolationMode.BICUBIC), size)
+
+
+def image_to_tensor(img: Image.Image, encoder: str, channel_order: str = "RGB") -> torch.Tensor:
+    """:func:`encoder_view`, normalised for ``encoder``: a [3, S, S] tensor.
+
+    ``channel_order="BGR"`` swaps red and blue before normalising, as the official checkpoints
+    saw their training images (read with OpenCV).
+    """
+    import torchvision.transforms.functional as TF
+
     spec = IMAGE_ENCODERS[encoder]
-    img = TF.center_crop(TF.resize(img, spec.image_size, TF.InterpolationMode.BICUBIC), spec.image_size)
-    x = TF.to_tensor(img)
+    x = TF.to_tensor(encoder_view(img, encoder))
     if channel_order == "BGR":
         x = x.flip(0)
     mean = torch.tensor(spec.mean).view(3, 1, 1)

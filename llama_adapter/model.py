@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -194,6 +194,18 @@ class KVCache:
         self.next_position = self.key_valid[:, :length].sum(1)
 
 
+class Recorder(Protocol):
+    """Looks inside a forward pass (``record=`` of :meth:`LlamaAdapter.forward`; see
+    :mod:`llama_adapter.explain`). ``None`` in the normal path, which then does no extra work."""
+
+    def adapter_attention(self, layer_id: int, tokens: torch.Tensor, prompt: torch.Tensor) -> None:
+        """A gated layer's per-head attention outputs [B, H, S, D] before ``wo``: over the tokens,
+        and over its adapter prompt (gated), whose sum the layer uses."""
+
+    def visual_attention(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
+        """A visual block's per-head queries and keys [B, H, N, D] (the visual queries first)."""
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, acfg: AdapterConfig, gated: bool) -> None:
         super().__init__()
@@ -239,6 +251,7 @@ class Attention(nn.Module):
         cache: KVCache | None,
         layer_id: int,
         prompt_norm: RMSNorm | None = None,
+        record: Recorder | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.qkv(x)
@@ -253,7 +266,10 @@ class Attention(nn.Module):
         if self.gate is not None:
             kv = self._prompt_kv(prompt, cache, layer_id, prompt_norm, q.dtype)
             if kv is not None:
-                out = out + self._prompt_attention(q, *kv)
+                prompted = self._prompt_attention(q, *kv)
+                if record is not None:
+                    record.adapter_attention(layer_id, out, prompted)
+                out = out + prompted
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
     def _prompt_kv(
@@ -326,9 +342,9 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg, acfg)
         self.prompt_norm = acfg.prompt_norm
 
-    def forward(self, x, freqs, mask, prompt, cache, layer_id) -> torch.Tensor:
+    def forward(self, x, freqs, mask, prompt, cache, layer_id, record: Recorder | None = None) -> torch.Tensor:
         prompt_norm = self.attention_norm if self.prompt_norm else None
-        h = x + self.attention(self.attention_norm(x), freqs, mask, prompt, cache, layer_id, prompt_norm)
+        h = x + self.attention(self.attention_norm(x), freqs, mask, prompt, cache, layer_id, prompt_norm, record)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -347,9 +363,11 @@ class VisualBlock(nn.Module):
         self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
         self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, record: Recorder | None = None) -> torch.Tensor:
         b, n, d = x.shape
         qkv = self.attn.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if record is not None:
+            record.visual_attention(qkv[0], qkv[1])
         attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         x = x + self.attn.proj(attended.transpose(1, 2).reshape(b, n, d))
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
@@ -442,7 +460,13 @@ class LlamaAdapter(nn.Module):
 
     # -- visual branch -------------------------------------------------------------------------
 
-    def encode_image(self, images: torch.Tensor | None = None, *, features: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_image(
+        self,
+        images: torch.Tensor | None = None,
+        *,
+        features: torch.Tensor | None = None,
+        record: Recorder | None = None,
+    ) -> torch.Tensor:
         """Images [B, 3, H, W] (or encoder features [B, N, C]) → visual prompt [B, prompt_len, dim]."""
         if self.adapter_config.image_encoder is None:
             raise ValueError("This model has no visual branch (adapter config image_encoder=None)")
@@ -455,7 +479,7 @@ class LlamaAdapter(nn.Module):
         queries = self.visual_query.weight.float().unsqueeze(0).expand(x.shape[0], -1, -1)
         x = torch.cat([queries, x], dim=1)
         for block in self.visual_blocks:
-            x = block(x)
+            x = block(x, record)
         x = x[:, : self.adapter_config.prompt_len]
         return self.visual_proj_norm(self.visual_proj(x))
 
@@ -484,21 +508,23 @@ class LlamaAdapter(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         logits_at: torch.Tensor | None = None,
+        record: Recorder | None = None,
     ) -> torch.Tensor:
         """Logits [B, S, vocab]; [B, 1, vocab] with ``last_only`` (generation); [N, vocab] at the
         N positions of a boolean ``logits_at`` [B, S] (training: the head over the vocabulary
         is the largest matmul, so it runs only where a loss is taken).
 
         ``attention_mask`` [B, S] marks real tokens (0 = left padding). With a ``cache`` the
-        tokens continue the cached sequence and their keys/values are appended to it.
+        tokens continue the cached sequence and their keys/values are appended to it. A ``record``
+        sees inside the adapter layers and visual blocks (a one-token step then runs eager).
         """
         b, s = input_ids.shape
         past = cache.length if cache is not None else 0
         if past + s > self.config.max_seq_len:
             raise ValueError(f"Sequence longer than the model's context ({self.config.max_seq_len} tokens)")
         if images is not None and visual_prompt is None:
-            visual_prompt = self.encode_image(images)
-        if cache is not None and cache.prompts_ready and s == 1 and attention_mask is None:
+            visual_prompt = self.encode_image(images, record=record)
+        if cache is not None and cache.prompts_ready and s == 1 and attention_mask is None and record is None:
             positions = cache.next_position.unsqueeze(1).clone()
             cache.append_valid(1, None)
             logits = self.decode_step(self.tok_embeddings(input_ids), positions, cache)
@@ -513,7 +539,7 @@ class LlamaAdapter(nn.Module):
 
         h = self.tok_embeddings(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, freqs, mask, prompts[i], cache, i)
+            h = layer(h, freqs, mask, prompts[i], cache, i, record)
         if cache is not None:
             cache.advance(s)
             if not cache.prompts_ready:

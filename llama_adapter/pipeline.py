@@ -16,7 +16,7 @@ from .engine import Engine, EngineConfig, Request
 from .errors import GenerationError, InputError
 from .generate import Sampling
 from .images import DEFAULT_MAX_PIXELS, ImageInput, image_to_tensor, open_image
-from .model import LlamaAdapter
+from .model import LlamaAdapter, Recorder
 from .prompts import (
     Message,
     Prompt,
@@ -130,7 +130,7 @@ class Pipeline:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, bos=self.template == "alpaca")
 
-    def visual_prompt(self, image: ImageInput | None) -> torch.Tensor | None:
+    def visual_prompt(self, image: ImageInput | None, record: Recorder | None = None) -> torch.Tensor | None:
         """The visual prompt of one image ([1, prompt_len, dim]), or ``None`` without an image."""
         if image is None:
             return None
@@ -143,7 +143,7 @@ class Pipeline:
         )
         encoder_dtype = next(self.model.image_encoder.parameters()).dtype
         with torch.inference_mode():
-            return self.model.encode_image(pixels.unsqueeze(0).to(self.device, encoder_dtype))
+            return self.model.encode_image(pixels.unsqueeze(0).to(self.device, encoder_dtype), record=record)
 
     def _prompt_ids(self, prompt: Prompt, params: Sampling) -> tuple[list[int], Sampling]:
         ids = self.encode(self.render(prompt))
