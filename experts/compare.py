@@ -1,6 +1,6 @@
 """Answer one instruction about one image without experts and with each chosen combination.
 
-``python -m experts.compare IMAGE "question" [--experts ocr,caption] [--experts ocr]``
+``python -m experts.compare IMAGE "question" [--experts ocr,caption] [--experts ocr] [--explain DIR]``
 """
 
 from __future__ import annotations
@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from llama_adapter.errors import LlamaAdapterError
@@ -138,8 +140,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, help="seconds each expert may take (default: its own limit)")
     parser.add_argument("--show-prompt", action="store_true", help="also print the exact prompt of each variant")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--explain",
+        metavar="DIR",
+        type=Path,
+        help="also write what each answer drew on into DIR/<variant>/ (trace.json and PNGs; with experts, "
+        "their text highlighted where the answer repeats it)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     return parser
+
+
+def explain_variants(pipeline: Pipeline, result: Comparison, image: ImageInput, directory: Path) -> None:
+    """Trace each variant's answer (one forward pass each) and save it under ``directory/<variant>``."""
+    from llama_adapter import explain
+
+    for variant in result.variants:
+        built = assemble(result.instruction, variant.report, pipeline=pipeline)
+        trace = explain(pipeline, built.messages, image if result.image_to_model else None, answer=variant.answer)
+        folder = directory / re.sub(r"[^A-Za-z0-9]+", "-", variant.label).strip("-")
+        trace.save(folder)
+        print(f"Wrote what the answer with {variant.label} drew on to {folder}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
         )
+        if args.explain is not None:
+            explain_variants(pipeline, result, picture, args.explain)
     except (LlamaAdapterError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2

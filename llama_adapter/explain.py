@@ -325,7 +325,7 @@ def _context(prompt: Prompt) -> str | None:
 
 # -- expert text the answer repeats ----------------------------------------------------------------
 
-_WORD = re.compile(r"\w+(?:[.,'’:/-]\w+)*")
+_WORD = re.compile(r"[$€£¥]?\w+(?:[.,'’:/-]\w+)*%?")  # a word, a number, a price, a percentage
 _COMMON = frozenset(
     "the and for are but not you your with this that these those there what which who how was were "
     "has have had its from into onto over under they them their then than can will would should".split()

@@ -119,29 +119,38 @@ def adapter_share(trace: Trace) -> Figure:
 
 
 def repeated_text(source: str, answer: str, width: int = 72) -> Figure:
-    """``source`` (expert text) with the spans that ``answer`` repeats highlighted."""
-    cells: list[tuple[str, bool]] = [
-        (c, label is not None) for text, label in repeated_spans(source, answer) for c in text
+    """``source`` (expert text) with the spans that ``answer`` repeats highlighted, and the answer below."""
+    spans = repeated_spans(source, answer)
+    blocks = [
+        (
+            "Expert text; highlighted: what the answer repeats",
+            [(c, label is not None) for t, label in spans for c in t],
+        ),
+        ("Answer", [(c, False) for c in answer]),
     ]
-    lines = _wrap(cells, width)
     font, char_w, line_h, margin = 10.0, 6.02, 15.0, 12.0  # points; DejaVu Sans Mono is 0.602 em wide
+    laid = [(title, _wrap(cells, width)) for title, cells in blocks]
     width_pt = 2 * margin + width * char_w
-    height_pt = 2 * margin + (len(lines) + 2) * line_h
+    height_pt = 2 * margin + sum(len(lines) + 2 for _, lines in laid) * line_h
     fig = Figure(figsize=(width_pt / 72, height_pt / 72))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(0, width_pt)
     ax.set_ylim(height_pt, 0)
     ax.axis("off")
-    ax.text(margin, margin, "Expert text; highlighted: what the answer repeats", fontsize=font, va="top", weight="bold")
     highlight = to_rgba("#ffd54f")
-    for row, line in enumerate(lines):
-        y = margin + (row + 2) * line_h
-        col = 0
-        for text, marked in _runs(line):
-            if marked:
-                ax.add_patch(Rectangle((margin + col * char_w, y - 2), len(text) * char_w, line_h, color=highlight))
-            ax.text(margin + col * char_w, y, text, fontsize=font, family="DejaVu Sans Mono", va="top")
-            col += len(text)
+    row = 0
+    for title, lines in laid:
+        ax.text(margin, margin + row * line_h, title, fontsize=font, va="top", weight="bold")
+        row += 1
+        for line in lines:
+            y, col = margin + row * line_h, 0
+            for text, marked in _runs(line):
+                if marked:
+                    ax.add_patch(Rectangle((margin + col * char_w, y - 2), len(text) * char_w, line_h, color=highlight))
+                ax.text(margin + col * char_w, y, text, fontsize=font, family="DejaVu Sans Mono", va="top")
+                col += len(text)
+            row += 1
+        row += 1
     return fig
 
 

@@ -498,6 +498,22 @@ def test_compare_cli_json_and_bad_input(tmp_path, capsys, monkeypatch, smol):
     assert capsys.readouterr().err.startswith("error: Image file not found")
 
 
+def test_compare_cli_explains_each_answer(tmp_path, capsys, monkeypatch, smol):
+    """``--explain DIR``: each variant's trace and pictures; with OCR, its text cut where the answer repeats it."""
+    path = tmp_path / "sign.png"
+    sign().save(path)
+    monkeypatch.setattr("llama_adapter.load", lambda *a, **k: smol)
+    out = tmp_path / "explained"
+    argv = [str(path), "What does the sign say?", "--experts", "ocr", "--max-new-tokens", "12", "--explain", str(out)]
+    assert compare_module.main(argv) == 0
+    pictures = {"trace.json", "gates.png", "adapter_share.png"}
+    assert {p.name for p in (out / "no-experts").iterdir()} == pictures
+    assert {p.name for p in (out / "ocr-easyocr").iterdir()} == pictures | {"repeated.png"}
+    data = json.loads((out / "ocr-easyocr" / "trace.json").read_text())
+    assert "OPEN 24 HOURS" in data["context"] and "".join(t for t, _ in data["context_spans"]) == data["context"]
+    assert "=== ocr-easyocr (" in capsys.readouterr().out and data["answer"]
+
+
 def test_modules_run_as_scripts():
     run = lambda *args: subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     missing = run("-m", "experts", "missing.png")

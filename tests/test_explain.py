@@ -271,8 +271,8 @@ def test_repeated_spans_mark_what_the_answer_repeats():
     source = "Total: $12.50\nThank you for shopping"
     assert repeated_spans(source, "The total is $12.50.") == [
         ("Total", "repeated"),
-        (": $", None),
-        ("12.50", "repeated"),
+        (": ", None),
+        ("$12.50", "repeated"),
         ("\nThank you for shopping", None),
     ]
     caption = "a red circle on a white background"
@@ -354,21 +354,24 @@ def corner_image(shape: str, colour: str, corner: str, size: int = 224, side: in
 @pytest.mark.slow
 def test_demo_model_looks_at_the_corner_with_the_shape():
     """A shape in one corner of an empty image: the map's maximum falls in that corner's 3×3 cells
-    (of 7×7: chance 9/49) for most of 12 images. Measured: 9/12 (squares and triangles every time,
-    circles once in four: their maximum sits on cells just beside the circle)."""
+    (of 7×7: chance 9/49) for most images. Measured: 33 of these 36 (every square and triangle;
+    red circles once in four: their maximum lands on empty cells beside or below the circle)."""
     from test_image_chat import visual_pipeline
 
     pipe = visual_pipeline()
-    hits = []
-    for shape, colour in (("circle", "red"), ("square", "blue"), ("triangle", "green")):
-        for corner in ("tl", "tr", "bl", "br"):
-            recording = Recording()
-            pipe.visual_prompt(corner_image(shape, colour, corner), record=recording)
-            grid, _ = grid_attention(recording.visual, pipe.model.adapter_config.prompt_len)
-            row, col = divmod(int(grid.argmax()), 7)
-            cells = (range(0, 3) if corner[0] == "t" else range(4, 7), range(0, 3) if corner[1] == "l" else range(4, 7))
-            hits.append(row in cells[0] and col in cells[1])
-    assert sum(hits) >= 8, hits
+    missed = []
+    for shape in ("circle", "square", "triangle"):
+        for colour in ("red", "blue", "green"):
+            for corner in ("tl", "tr", "bl", "br"):
+                recording = Recording()
+                pipe.visual_prompt(corner_image(shape, colour, corner), record=recording)
+                grid, _ = grid_attention(recording.visual, pipe.model.adapter_config.prompt_len)
+                row, col = divmod(int(grid.argmax()), 7)
+                rows = range(0, 3) if corner[0] == "t" else range(4, 7)
+                cols = range(0, 3) if corner[1] == "l" else range(4, 7)
+                if row not in rows or col not in cols:
+                    missed.append((shape, colour, corner, (row, col)))
+    assert len(missed) <= 6, missed
 
 
 @pytest.mark.slow
