@@ -185,7 +185,7 @@ class Recording:
 
     def visual_attention(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
         scores = queries[0].float() @ keys[0].float().transpose(-1, -2) / math.sqrt(queries.shape[-1])
-        self.visual.append(scores.softmax(-1).mean(0))
+        self.visual.append(scores.softmax(-1).mean(0).cpu())
 
     def take(self, n_layers: int, last: int) -> torch.Tensor:
         """Shares [last, n_layers] of the last positions of the last call (0 for layers without a
@@ -255,13 +255,14 @@ def gate_values(model: Any) -> torch.Tensor:
     return rows
 
 
-def token_pieces(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
-    """Each token's text as it adds to the decoded answer (leading spaces kept)."""
-    pieces, before = [], ""
+def token_pieces(tokenizer: Tokenizer, ids: Sequence[int], context: int = 4) -> list[str]:
+    """Each token's text as it adds to the decoded answer (leading spaces kept): decoded after the
+    ``context`` ids before it, which keep SentencePiece's word boundaries, less their own text."""
+    pieces = []
     for i in range(len(ids)):
-        text = tokenizer.decode(list(ids[: i + 1]))
-        pieces.append(text[len(before) :] if text.startswith(before) else tokenizer.decode([ids[i]]))
-        before = text
+        before = list(ids[max(0, i - context) : i])
+        head, text = tokenizer.decode(before), tokenizer.decode([*before, ids[i]])
+        pieces.append(text[len(head) :] if text.startswith(head) else tokenizer.decode([ids[i]]))
     return pieces
 
 
@@ -287,7 +288,7 @@ def _write_traced(
             if stream.stopped:
                 break
         stream.finish()
-    kept = _tokens_covering(pipe.tokenizer, stream.ids, stream.text)
+    kept = _tokens_covering(token_pieces(pipe.tokenizer, stream.ids), stream.text)
     table = torch.cat(rows)[:kept] if rows else torch.zeros(0, n_layers)
     return stream.ids[:kept], table, stream.text
 
@@ -310,12 +311,14 @@ def _teacher_forced(
     return looking.take(n_layers, len(answer_ids))
 
 
-def _tokens_covering(tokenizer: Tokenizer, ids: list[int], text: str) -> int:
-    """How many of ``ids`` it takes to write ``text`` (a stop string may have cut the text short)."""
-    for k in range(len(ids) + 1):
-        if len(tokenizer.decode(ids[:k])) >= len(text):
+def _tokens_covering(pieces: list[str], text: str) -> int:
+    """How many tokens' ``pieces`` it takes to write ``text`` (a stop string may have cut it short)."""
+    written = 0
+    for k, piece in enumerate(pieces):
+        if written >= len(text):
             return k
-    return len(ids)
+        written += len(piece)
+    return len(pieces)
 
 
 def _context(prompt: Prompt) -> str | None:

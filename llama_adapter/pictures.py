@@ -104,7 +104,9 @@ def adapter_share(trace: Trace) -> Figure:
     height = min(max(2.5, 0.22 * n_tokens + 1.6), 30.0)
     fig = Figure(figsize=(max(6.0, 0.26 * n_layers + 2.5), height), layout="constrained")
     ax = fig.subplots()
-    top = max(float(shares.max()) if shares.size else 0.0, 0.01)
+    if not n_tokens:  # an empty answer: an empty row keeps the layout
+        shares = np.zeros((1, n_layers))
+    top = max(float(shares.max()), 0.01)
     shown = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
     every = max(1, math.ceil(n_tokens / 120))
     ax.set_yticks(range(0, n_tokens, every), [_label(t) for t in trace.tokens[::every]], fontsize=7)

@@ -20,7 +20,7 @@ import llama_adapter
 from llama_adapter import Pipeline, chat, explain
 from llama_adapter.config import AdapterConfig, LlamaConfig
 from llama_adapter.encoders import build_image_encoder
-from llama_adapter.explain import Recording, grid_attention, repeated_spans
+from llama_adapter.explain import Recording, grid_attention, repeated_spans, token_pieces
 from llama_adapter.model import apply_rope
 from llama_adapter.tokenizer import SentencePieceTokenizer
 
@@ -255,6 +255,23 @@ def test_a_traced_answer_adds_no_compiled_graph(tiny_spm, picture):
     assert pipe.generate(QUESTION, picture, max_new_tokens=8) == expected
     assert counters["stats"]["unique_graphs"] - before == 1
     assert trace.answer == expected and torch.equal(trace.adapter_share, trace_eager.adapter_share)
+
+
+def test_a_stop_string_cuts_the_trace_with_the_answer(tiny_spm):
+    pipe = tiny_visual_pipe(tiny_spm)
+    full = explain(pipe, QUESTION, max_new_tokens=12)
+    cut_at = len("".join(full.tokens[:4]))
+    cut = explain(pipe, QUESTION, max_new_tokens=12, stop=[full.answer[cut_at:]])
+    assert cut.answer == full.answer[:cut_at] == pipe.generate(QUESTION, max_new_tokens=12, stop=[full.answer[cut_at:]])
+    assert cut.tokens == full.tokens[:4] and torch.equal(cut.adapter_share, full.adapter_share[:4])
+
+
+def test_token_pieces_join_to_the_decoded_text(tiny_spm, smol):
+    text = "The quick brown fox jumps over the lazy dog. Name three colours: red, green and blue."
+    for tokenizer in (SentencePieceTokenizer(tiny_spm), smol.tokenizer):
+        ids = tokenizer.encode(text, bos=False)
+        pieces = token_pieces(tokenizer, ids)
+        assert len(pieces) == len(ids) and "".join(pieces) == tokenizer.decode(ids) == text
 
 
 def test_an_answer_longer_than_the_context_is_refused(pipe):
