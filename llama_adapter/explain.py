@@ -270,7 +270,7 @@ def _write_traced(
     pipe: Any, ids: list[int], visual: torch.Tensor | None, sampling: dict[str, Any], looking: Recording
 ) -> tuple[list[int], torch.Tensor, str]:
     """Generate as ``Pipeline.generate`` does, keeping the shares of the call that chose each token."""
-    params = pipe._fit(len(ids), pipe._sampling(sampling))
+    params = pipe.fit_to_context(len(ids), pipe.sampling_params(**sampling))
     stream = TextStream(pipe.tokenizer, params.stop)
     stop_ids = pipe.tokenizer.stop_ids
     n_layers = pipe.model.config.n_layers
