@@ -26,6 +26,18 @@ Name three colours: red, green and blue. Count to five: one, two, three, four, f
 """
 
 
+@pytest.fixture
+def fresh_compiler():
+    """Forget every graph compiled so far in this process. Dynamo keeps one cache per code object
+    and, past ``recompile_limit`` (8) models, runs ``decode_step`` eager without a word: a test
+    that counts compiled graphs late in the suite would count nothing."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def tiny_spm(tmp_path_factory) -> Path:
     """A SentencePiece tokenizer.model with the tiny presets' 320-token vocabulary."""

@@ -240,7 +240,7 @@ def test_tracing_changes_no_logits(tiny_spm, picture):
     )
 
 
-def test_a_traced_answer_adds_no_compiled_graph(tiny_spm, picture):
+def test_a_traced_answer_adds_no_compiled_graph(tiny_spm, picture, fresh_compiler):
     """With the decode step compiled (for batch 1, and by the engine for its batch), a traced
     answer decodes eager: it compiles no graph, gives the eager trace, and normal answers after it
     still come from the graphs compiled before."""

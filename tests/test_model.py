@@ -228,7 +228,7 @@ def test_public_api_exports():
 
 
 @pytest.mark.parametrize("wiring", ["official", "paper"])
-def test_compiled_decoding_equals_eager_from_one_graph(wiring):
+def test_compiled_decoding_equals_eager_from_one_graph(wiring, fresh_compiler):
     """compile_decoding: the same logits as eager decoding through adapter prompts, with and
     without an image (in the paper wiring the early layers have a prompt only with one), LoRA,
     cache growth (64 → 128 → 256 positions) and a truncated cache (chat reuse), all from the one
