@@ -33,9 +33,15 @@ import gradio as gr  # noqa: E402
 from fastapi import APIRouter  # noqa: E402
 from gradio import FileData  # noqa: E402
 
-import llama_adapter  # noqa: E402
 from experts import ExpertReport, ImageChat, Registry, compare, default_registry, describe, run_experts  # noqa: E402
 from llama_adapter import ChatSession, LlamaAdapterError, Pipeline, serve  # noqa: E402
+from llama_adapter.cli import (  # noqa: E402
+    add_model_arguments,
+    add_server_arguments,
+    check_environment_choices,
+    env_value,
+    load_from_arguments,
+)
 from llama_adapter.engine import EngineConfig  # noqa: E402
 from llama_adapter.pipeline import Limits  # noqa: E402
 
@@ -49,8 +55,6 @@ MAX_NEW_TOKENS = 1024
 MAX_MESSAGE_CHARS = 8000
 """Typing limit of the text boxes; the library still refuses a prompt longer than the model's context."""
 MAX_FILE_SIZE = "25mb"
-QUANTIZE = ("int8",)
-DTYPES = ("fp32", "bf16", "fp16")
 CHAT_EXAMPLES = [
     "Name three colours.",
     "Write a haiku about autumn.",
@@ -839,55 +843,12 @@ def launch(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    env = os.environ.get
     p = argparse.ArgumentParser(
         description="Serve the LLaMA-Adapter V2 demo. With no --base and no --adapter, the shipped demo model is "
         "used, offline. Each flag has an environment variable, for Hugging Face Spaces.",
     )
-    p.add_argument("--base", default=env("LLAMA_ADAPTER_BASE"), help="base model (env LLAMA_ADAPTER_BASE)")
-    p.add_argument("--adapter", default=env("LLAMA_ADAPTER_ADAPTER"), help="adapter (env LLAMA_ADAPTER_ADAPTER)")
-    p.add_argument(
-        "--quantize",
-        choices=QUANTIZE,
-        default=env("LLAMA_ADAPTER_QUANTIZE") or None,
-        help="store base weights in 8 bits (env LLAMA_ADAPTER_QUANTIZE)",
-    )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        default=env("LLAMA_ADAPTER_COMPILE", "").lower() in ("1", "true", "yes"),
-        help="compile the decode step before serving: faster answers, 1-3 min at the first start "
-        "(env LLAMA_ADAPTER_COMPILE=1)",
-    )
-    p.add_argument(
-        "--device", default=env("LLAMA_ADAPTER_DEVICE", "cpu"), help="cpu, cuda, … (env LLAMA_ADAPTER_DEVICE)"
-    )
-    p.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default=env("LLAMA_ADAPTER_DTYPE") or None,
-        help="default: fp32 on CPU, bf16 on GPU (env LLAMA_ADAPTER_DTYPE)",
-    )
-    p.add_argument("--host", default=env("GRADIO_SERVER_NAME"), help="default 127.0.0.1 (env GRADIO_SERVER_NAME)")
-    p.add_argument(
-        "--port", type=int, default=int(env("GRADIO_SERVER_PORT") or 7860), help="default 7860 (env GRADIO_SERVER_PORT)"
-    )
-    p.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
-    p.add_argument(
-        "--allow-local-dir",
-        action="append",
-        type=Path,
-        default=[Path(d) for d in (env("LLAMA_ADAPTER_ALLOW_LOCAL_DIRS") or "").split(os.pathsep) if d],
-        help="a server folder whose files clients may name instead of uploading them; repeatable "
-        f"(env LLAMA_ADAPTER_ALLOW_LOCAL_DIRS, separated by {os.pathsep!r}). Default: none, uploads only",
-    )
-    p.add_argument(
-        "--allow-remote-images",
-        action="store_true",
-        default=env("LLAMA_ADAPTER_ALLOW_REMOTE_IMAGES", "").lower() in ("1", "true", "yes"),
-        help="let clients name http(s) image URLs for the server to fetch (env LLAMA_ADAPTER_ALLOW_REMOTE_IMAGES=1). "
-        "Default: refused",
-    )
+    add_model_arguments(p, template=False)
+    add_server_arguments(p, port=7860, host_env="GRADIO_SERVER_NAME", port_env="GRADIO_SERVER_PORT", share=True)
     limits = p.add_argument_group("limits", "what a request may ask, and how many may wait: beyond, a plain refusal")
     for flag, default, text in (
         ("max-image-pixels", Limits.max_image_pixels, "width × height of an image"),
@@ -901,15 +862,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         limits.add_argument(
             f"--{flag}",
             type=_positive,
-            default=env(name, str(default)),
+            default=env_value(name, str(default)),
             help=f"{text}; default {default:,} (env {name})",
         )
     serve.add_api_arguments(p)
     args = p.parse_args(argv)
-    # argparse checks choices on the command line only, not on defaults taken from the environment.
-    for name, choices in (("quantize", QUANTIZE), ("dtype", DTYPES)):
-        if getattr(args, name) not in (None, *choices):
-            p.error(f"LLAMA_ADAPTER_{name.upper()} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
+    check_environment_choices(p, args)
     return args
 
 
@@ -931,15 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     limits = Limits(args.max_image_pixels, args.max_prompt_chars, args.max_new_tokens)
     try:
-        pipe = llama_adapter.load(
-            args.base,
-            args.adapter,
-            device=args.device,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            compile=args.compile,
-            limits=limits,
-        )
+        pipe = load_from_arguments(args, limits=limits)
     except LlamaAdapterError as e:
         log.error("Could not load the model: %s", e)
         return 2

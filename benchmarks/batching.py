@@ -26,7 +26,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-import llama_adapter  # noqa: E402
+from llama_adapter.cli import add_model_arguments, check_environment_choices, load_from_arguments  # noqa: E402
 from llama_adapter.engine import Engine, EngineConfig  # noqa: E402
 from llama_adapter.generate import Sampling  # noqa: E402
 
@@ -66,22 +66,20 @@ def run(engine: Engine, rows: list[list[int]], params: Sampling) -> tuple[float,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.batching", description=__doc__.split("\n\n")[0])
-    p.add_argument("--base")
-    p.add_argument("--adapter")
-    p.add_argument("--quantize", choices=("int8",))
-    p.add_argument("--compile", action="store_true", help="compile the decode step (both engines)")
+    add_model_arguments(p, template=False)
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
+    check_environment_choices(p, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     if args.requests > len(PROMPTS):
         p.error(f"at most {len(PROMPTS)} requests")
 
-    pipe = llama_adapter.load(args.base, args.adapter, quantize=args.quantize, compile=args.compile)
+    pipe = load_from_arguments(args)
     endless = copy.copy(pipe.tokenizer)
     endless.stop_ids = set()  # every answer runs to --new-tokens
     rows = [pipe.encode(pipe.render(prompt)) for prompt in PROMPTS[: args.requests]]

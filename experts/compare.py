@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from llama_adapter.cli import add_model_arguments, check_environment_choices, load_from_arguments
 from llama_adapter.errors import LlamaAdapterError
 from llama_adapter.images import ImageInput, open_image
 
@@ -130,9 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: ocr, caption, and ocr,caption). Names: ocr, caption, all, or an expert name "
         "(python -m experts --list)",
     )
-    parser.add_argument("--base", help="base model (default: the shipped demo model or smollm2-135m)")
-    parser.add_argument("--adapter", help="adapter file or official name (BIAS-7B, LORA-BIAS-7B, CAPTION-7B, …)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed shared by every variant (default: 0)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
@@ -148,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "their text highlighted where the answer repeats it)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    add_model_arguments(parser)
     return parser
 
 
@@ -164,15 +163,15 @@ def explain_variants(pipeline: Pipeline, result: Comparison, image: ImageInput, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_environment_choices(parser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    import llama_adapter
-
     try:
         picture = open_image(args.image)
         combos = args.experts or [",".join(c) for c in DEFAULT_COMBINATIONS]
         resolve_experts(combos)
-        pipeline = llama_adapter.load(args.base, args.adapter, device=args.device)
+        pipeline = load_from_arguments(args)
         result = compare(
             pipeline,
             args.question,

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .build import load
+from .cli import add_model_arguments, check_environment_choices, load_from_arguments
 from .errors import LlamaAdapterError
 from .explain import explain
 from .pipeline import ChatSession, Pipeline
@@ -26,16 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Talk to a LLaMA-Adapter V2 model, optionally about an image. With no --base and no "
         "--adapter, the shipped demo model is used (offline).",
     )
-    model = p.add_argument_group("model")
-    model.add_argument("--base", help="base model: smollm2-135m, a folder (HF or Meta layout), a .gguf, or org/name")
-    model.add_argument("--adapter", help="adapter: BIAS-7B, LORA-BIAS-7B, LORA-BIAS-7B-v21, or a file path")
-    model.add_argument("--quantize", choices=["int8"], help="store base weights in 8 bits")
-    model.add_argument(
-        "--compile", action="store_true", help="compile the decode step first (faster answers; 1-3 min once)"
-    )
-    model.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, … (default: cpu)")
-    model.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on GPU")
-    model.add_argument("--template", choices=["alpaca", "chat"], help="prompt format (default: per model)")
+    add_model_arguments(p)
     p.add_argument("--image", help="an image to talk about")
     p.add_argument("--prompt", help="ask this once and exit (otherwise: interactive)")
     p.add_argument("--system", help="system prompt")
@@ -106,6 +97,7 @@ def explain_answer(pipe: Pipeline, args: argparse.Namespace, sampling: dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_environment_choices(parser, args)
     if args.explain is not None and args.prompt is None:
         parser.error("--explain needs --prompt (it explains one answer)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -118,15 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
     }
     try:
-        pipe = load(
-            args.base,
-            args.adapter,
-            device=args.device,
-            dtype=args.dtype,
-            quantize=args.quantize,
-            compile=args.compile,
-            template=args.template,
-        )
+        pipe = load_from_arguments(args)
         if args.explain is not None:
             explain_answer(pipe, args, sampling)
             return 0

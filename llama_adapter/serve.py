@@ -22,7 +22,6 @@ import base64
 import binascii
 import json
 import logging
-import os
 import re
 import secrets
 import time
@@ -37,6 +36,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from .cli import add_model_arguments, add_server_arguments, check_environment_choices, env_value, load_from_arguments
 from .engine import Request as Generation
 from .errors import EngineBusy, GenerationError, InputError, LlamaAdapterError
 from .images import open_image
@@ -502,29 +502,15 @@ def create_app(pipe: Pipeline, config: ApiConfig | None = None) -> FastAPI:
 
 
 def add_api_arguments(p: argparse.ArgumentParser) -> None:
-    """The API's own flags, shared with ``app.py`` (which has ``--allow-local-dir`` and
-    ``--allow-remote-images`` for its Gradio door already; the same flags, same rule, here)."""
-    env = os.environ.get
+    """The API's own flags, shared with ``app.py``."""
     group = p.add_argument_group("OpenAI-compatible API (/v1)")
-    group.add_argument("--api-key", default=env(API_KEY_ENV), help=f"bearer key required by /v1 (env {API_KEY_ENV})")
-    group.add_argument("--model-name", help="the model id /v1/models lists (default: the adapter's file name)")
-
-
-def add_image_source_arguments(p: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    p.add_argument(
-        "--allow-local-dir",
-        action="append",
-        type=Path,
-        default=[Path(d) for d in (env("LLAMA_ADAPTER_ALLOW_LOCAL_DIRS") or "").split(os.pathsep) if d],
-        help="a server folder whose images requests may name by path; repeatable "
-        f"(env LLAMA_ADAPTER_ALLOW_LOCAL_DIRS, separated by {os.pathsep!r}). Default: none",
+    group.add_argument(
+        "--api-key", default=env_value(API_KEY_ENV), help=f"bearer key required by /v1 (env {API_KEY_ENV})"
     )
-    p.add_argument(
-        "--allow-remote-images",
-        action="store_true",
-        default=env("LLAMA_ADAPTER_ALLOW_REMOTE_IMAGES", "").lower() in ("1", "true", "yes"),
-        help="fetch http(s) image URLs that requests name (env LLAMA_ADAPTER_ALLOW_REMOTE_IMAGES=1). Default: refused",
+    group.add_argument(
+        "--model-name",
+        default=env_value("LLAMA_ADAPTER_MODEL_NAME"),
+        help="the model id /v1/models lists (default: the adapter's file name; env LLAMA_ADAPTER_MODEL_NAME)",
     )
 
 
@@ -549,31 +535,39 @@ def _installed_experts() -> ExpertsRunner | None:
     return run_experts
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from . import load
+def build_parser() -> argparse.ArgumentParser:
     from .engine import EngineConfig
 
     p = argparse.ArgumentParser(
         prog="python -m llama_adapter.serve", description="Serve a model over the OpenAI chat completions API."
     )
-    p.add_argument("--base", help="base model (default: the shipped demo model)")
-    p.add_argument("--adapter", help="adapter file or official name")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--quantize", choices=("int8",))
-    p.add_argument("--compile", action="store_true", help="compile the decode step (1-3 min the first time)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=EngineConfig.max_batch, help="requests decoded together")
-    p.add_argument("--queue-size", type=int, default=EngineConfig.max_waiting, help="requests that may wait")
-    add_image_source_arguments(p)
+    add_model_arguments(p)
+    add_server_arguments(p, port=8000, host_env="LLAMA_ADAPTER_HOST", port_env="LLAMA_ADAPTER_PORT")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=env_value("LLAMA_ADAPTER_MAX_BATCH", str(EngineConfig.max_batch)),
+        help=f"requests decoded together (default {EngineConfig.max_batch}; env LLAMA_ADAPTER_MAX_BATCH)",
+    )
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=env_value("LLAMA_ADAPTER_QUEUE_SIZE", str(EngineConfig.max_waiting)),
+        help=f"requests that may wait (default {EngineConfig.max_waiting}; env LLAMA_ADAPTER_QUEUE_SIZE)",
+    )
     add_api_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .engine import EngineConfig
+
+    p = build_parser()
     args = p.parse_args(argv)
+    check_environment_choices(p, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        pipe = load(
-            args.base, args.adapter, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile
-        )
+        pipe = load_from_arguments(args)
         pipe.start_engine(EngineConfig(max_batch=args.max_batch, max_waiting=args.queue_size))
     except (LlamaAdapterError, ValueError) as e:
         log.error("Could not load the model: %s", e)

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from test_image_chat import visual_pipeline
 
 import app
+import llama_adapter.cli
 from experts import Availability, Expert, Registry, default_registry, run_experts
 from llama_adapter import CheckpointError, Pipeline
 from llama_adapter import serve as openai_api
@@ -282,7 +283,7 @@ def test_flags_default_to_the_environment(monkeypatch):
     monkeypatch.setenv("GRADIO_SERVER_PORT", "7861")
     args = app.parse_args([])
     assert (args.base, args.adapter, args.quantize, args.device, args.dtype) == (None, None, "int8", "cuda", None)
-    assert (args.host, args.port, args.share, args.compile) == (None, 7861, False, False)
+    assert (args.host, args.port, args.share, args.compile) == ("127.0.0.1", 7861, False, False)
     monkeypatch.setenv("LLAMA_ADAPTER_COMPILE", "1")
     assert app.parse_args([]).compile
     monkeypatch.delenv("LLAMA_ADAPTER_COMPILE")
@@ -297,16 +298,16 @@ def test_flags_default_to_the_environment(monkeypatch):
 
 def test_main_loads_once_and_launches(monkeypatch, served):
     loads, launches = [], []
-    monkeypatch.setattr(app.llama_adapter, "load", lambda *a, **k: loads.append((a, k)) or served.pipe)
+    monkeypatch.setattr(llama_adapter.cli, "load", lambda *a, **k: loads.append((a, k)) or served.pipe)
     monkeypatch.setattr(app, "launch", lambda demo, **k: launches.append((demo, k)))
     assert app.main(["--adapter", "mine.safetensors", "--quantize", "int8", "--compile", "--port", "9001"]) == 0
     limits = Limits(max_new_tokens=app.MAX_NEW_TOKENS)
-    expected = {"device": "cpu", "dtype": None, "quantize": "int8", "compile": True, "limits": limits}
+    expected = {"device": "cpu", "dtype": None, "quantize": "int8", "compile": True, "template": None, "limits": limits}
     assert loads == [((None, "mine.safetensors"), expected)]
     [(demo, kwargs)] = launches
     api = kwargs.pop("api")
     door = {"allowed_dirs": [], "allow_urls": False}
-    assert isinstance(demo, gr.Blocks) and kwargs == {"host": None, "port": 9001, "share": False, **door}
+    assert isinstance(demo, gr.Blocks) and kwargs == {"host": "127.0.0.1", "port": 9001, "share": False, **door}
     assert {route.path for route in api.routes} == {"/v1/models", "/v1/chat/completions"}
     assert served.pipe.engine.config == EngineConfig(max_batch=8, max_waiting=app.QUEUE_SIZE)
 
@@ -315,7 +316,7 @@ def test_main_says_why_the_model_did_not_load(monkeypatch, caplog):
     def refuse(*args, **kwargs):
         raise CheckpointError("Adapter x.safetensors not found.")
 
-    monkeypatch.setattr(app.llama_adapter, "load", refuse)
+    monkeypatch.setattr(llama_adapter.cli, "load", refuse)
     assert app.main(["--adapter", "x.safetensors"]) == 2
     assert "Adapter x.safetensors not found." in caplog.text
 

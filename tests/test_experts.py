@@ -479,7 +479,7 @@ def test_cli_bad_input_exits_non_zero_with_one_line(args, message, tmp_path, cap
 def test_compare_cli_prints_every_variant(tmp_path, capsys, monkeypatch, smol):
     path = tmp_path / "sign.png"
     sign().save(path)
-    monkeypatch.setattr("llama_adapter.load", lambda *a, **k: smol)
+    monkeypatch.setattr("llama_adapter.cli.load", lambda *a, **k: smol)
     argv = [str(path), "What does the sign say?", "--experts", "ocr", "--max-new-tokens", "8", "--show-prompt"]
     assert compare_module.main(argv) == 0
     out = capsys.readouterr().out
@@ -490,7 +490,7 @@ def test_compare_cli_prints_every_variant(tmp_path, capsys, monkeypatch, smol):
 def test_compare_cli_json_and_bad_input(tmp_path, capsys, monkeypatch, smol):
     path = tmp_path / "sign.png"
     sign().save(path)
-    monkeypatch.setattr("llama_adapter.load", lambda *a, **k: smol)
+    monkeypatch.setattr("llama_adapter.cli.load", lambda *a, **k: smol)
     assert compare_module.main([str(path), "Hi", "--experts", "ocr", "--max-new-tokens", "4", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [v["label"] for v in data["variants"]] == ["no experts", "ocr-easyocr"]
@@ -502,7 +502,7 @@ def test_compare_cli_explains_each_answer(tmp_path, capsys, monkeypatch, smol):
     """``--explain DIR``: each variant's trace and pictures; with OCR, its text cut where the answer repeats it."""
     path = tmp_path / "sign.png"
     sign().save(path)
-    monkeypatch.setattr("llama_adapter.load", lambda *a, **k: smol)
+    monkeypatch.setattr("llama_adapter.cli.load", lambda *a, **k: smol)
     out = tmp_path / "explained"
     argv = [str(path), "What does the sign say?", "--experts", "ocr", "--max-new-tokens", "12", "--explain", str(out)]
     assert compare_module.main(argv) == 0

@@ -395,7 +395,7 @@ def test_demo_model_looks_at_the_corner_with_the_shape():
 def test_demo_model_cli_explains_an_image_answer(tmp_path, monkeypatch, capsys):
     from test_image_chat import visual_pipeline
 
-    monkeypatch.setattr(chat, "load", lambda *a, **k: visual_pipeline())
+    monkeypatch.setattr(llama_adapter.cli, "load", lambda *a, **k: visual_pipeline())
     image = llama_adapter.build.ASSETS / "examples" / "circle.png"
     argv = ["--image", str(image), "--prompt", "What shape is this?", "--explain", str(tmp_path)]
     assert chat.main(argv) == 0

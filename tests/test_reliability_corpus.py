@@ -178,7 +178,7 @@ def expect_cli(case: Case, code: int, err: str, argparse_refusal: str = "$^") ->
 
 @pytest.fixture
 def cli_model(monkeypatch, pipe):
-    monkeypatch.setattr(llama_adapter.chat, "load", lambda *args, **kwargs: pipe)
+    monkeypatch.setattr(llama_adapter.cli, "load", lambda *args, **kwargs: pipe)
 
 
 @pytest.mark.parametrize("case", IMAGES, ids=str)
