@@ -40,7 +40,7 @@ from llama_adapter.cli import (  # noqa: E402
     add_server_arguments,
     check_environment_choices,
     env_value,
-    load_from_arguments,
+    load_for_serving,
 )
 from llama_adapter.engine import EngineConfig  # noqa: E402
 from llama_adapter.pipeline import Limits  # noqa: E402
@@ -889,11 +889,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     limits = Limits(args.max_image_pixels, args.max_prompt_chars, args.max_new_tokens)
     try:
-        pipe = load_from_arguments(args, limits=limits)
+        pipe = load_for_serving(args, limits=limits)
     except LlamaAdapterError as e:
         log.error("Could not load the model: %s", e)
         return 2
-    pipe.start_engine(EngineConfig(max_batch=args.max_batch, max_waiting=args.queue_size))
     log.info(
         "Loaded in %.1f s: %s; %s, %d answers together, queue of %d",
         pipe.info["load_seconds"],

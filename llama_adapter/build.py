@@ -162,12 +162,18 @@ def prepare_for_inference(model: LlamaAdapter, *, quantize: str | None = None, c
     return compile and compile_decoding(model)
 
 
+def can_compile(device: torch.device) -> bool:
+    """Whether inductor can compile here; if not, a warning that says what to install."""
+    if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        log.warning("Compiling needs a C++ compiler on CPU (apt install g++); decoding stays eager")
+        return False
+    return True
+
+
 def compile_decoding(model: LlamaAdapter) -> bool:
     """Compile the model's decode step; on failure say why and keep decoding eager (slower, same
     answers) rather than refuse to serve. Returns whether it compiled."""
-    device = model.tok_embeddings.weight.device
-    if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
-        log.warning("compile=True needs a C++ compiler on CPU (apt install g++); decoding stays eager")
+    if not can_compile(model.tok_embeddings.weight.device):
         return False
     started = time.perf_counter()
     log.info("Compiling the decode step (1-3 min the first time on a small CPU, seconds once cached)")

@@ -15,7 +15,8 @@ import argparse
 import os
 from pathlib import Path
 
-from .build import load
+from .build import can_compile, load
+from .engine import EngineConfig
 from .pipeline import Pipeline
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -67,7 +68,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, template: bool = Tru
         "--compile",
         action="store_true",
         default=env_switch("LLAMA_ADAPTER_COMPILE"),
-        help="compile the decode step first: faster answers, 1-3 min at the first start (env LLAMA_ADAPTER_COMPILE=1)",
+        help="compile the decode step: faster answers after 1-3 min of compiling the first time, seconds once "
+        "cached; servers compile in the background and answer meanwhile (env LLAMA_ADAPTER_COMPILE=1)",
     )
     if template:
         group.add_argument(
@@ -130,3 +132,14 @@ def load_from_arguments(args: argparse.Namespace, **kwargs) -> Pipeline:
         "template": getattr(args, "template", None),
     }
     return load(args.base, args.adapter, **{**options, **kwargs})
+
+
+def load_for_serving(args: argparse.Namespace, **kwargs) -> Pipeline:
+    """A server's model: loaded, its engine started with ``--max-batch`` and ``--queue-size``, and
+    with ``--compile`` its decode step compiled in the background while it answers eager, so
+    that the first visitor never waits for the compiler."""
+    pipe = load_from_arguments(args, **kwargs, compile=False)
+    engine = pipe.start_engine(EngineConfig(max_batch=args.max_batch, max_waiting=args.queue_size))
+    if args.compile and can_compile(pipe.device):
+        engine.compile_in_background()
+    return pipe

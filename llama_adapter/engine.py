@@ -23,17 +23,20 @@ Continuous batching over ``max_batch`` slots, the rows of one :class:`SlotCache`
   (Stop, a client that went away) leaves before the next step. A conversation's cache gets its
   row back when the request ends, so its next turn prefills only the new tokens.
 
-The model runs only in the engine thread. Image encoding and experts happen before a request is
-submitted, in the caller's thread.
+The model runs only in the engine thread (and, while :meth:`Engine.compile_in_background`
+compiles, in that thread, through a shallow copy whose decode step is the compiled one). Image
+encoding and experts happen before a request is submitted, in the caller's thread.
 """
 
 from __future__ import annotations
 
 import atexit
+import copy
 import itertools
 import logging
 import queue
 import threading
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -285,6 +288,10 @@ class Engine:
         self._running = 0
         self._closed = False
         self._cond = threading.Condition()
+        self._compiled_step: Callable | None = None
+        self.compile_state: Literal["eager", "compiling", "compiled"] = (
+            "compiled" if "decode_step" in vars(model) else "eager"
+        )
         with torch.inference_mode():
             self.slots = SlotCache(model, self.config.max_batch)
             self._warm_up()
@@ -357,10 +364,12 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closed and not self._waiting and not any(self._rows):
+                    while not (self._closed or self._waiting or any(self._rows) or self._compiled_step):
                         self._cond.wait()
                     if self._closed:
                         break
+                    if self._compiled_step is not None and not any(self._rows):
+                        self._switch_to_compiled()
                 try:
                     self._iterate()
                 except Exception as e:  # a bug of ours, not the model's: end what is running, keep serving
@@ -489,23 +498,67 @@ class Engine:
         """One decode step through every slot before serving: a compiled decode step compiles
         here for this batch shape (the cache length left dynamic), not in the first user's
         answer. If that compile fails, decoding stays eager (slower, same answers)."""
-        cache = self.model.new_cache(1)
-        self.model(torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=cache)
-        self.slots.load(0, cache)
-        tokens = torch.zeros(self.config.max_batch, 1, dtype=torch.long, device=self.device)
         if "decode_step" in vars(self.model):  # compiled (LlamaAdapter.compile_decoding)
-            from torch._dynamo import mark_dynamic
-
-            for buffer in (*self.slots.keys, *self.slots.values):
-                mark_dynamic(buffer, 2)
-            mark_dynamic(self.slots.key_valid, 1)
             log.info("Compiling the decode step for a batch of %d", self.config.max_batch)
             try:
-                self.model(tokens, cache=self.slots)
+                self._step_once(self.model, self.slots, compile=True)
             except Exception as e:  # inductor's failures are many and version-specific
                 log.warning("Could not compile the batched decode step (%s); decoding stays eager", e)
                 del self.model.decode_step
-                self.slots.release(0)
-                self.slots.load(0, cache)
-        self.model(tokens, cache=self.slots)
-        self.slots.release(0)
+                self.compile_state = "eager"
+        self._step_once(self.model, self.slots)
+
+    def _step_once(self, model: LlamaAdapter, slots: SlotCache, compile: bool = False) -> None:
+        """One decode step through every slot; ``compile``: the first of ``model``'s (already
+        ``torch.compile``-wrapped) decode step for this batch, with the cache length dynamic."""
+        cache = model.new_cache(1)
+        model(torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=cache)
+        slots.load(0, cache)
+        if compile:
+            from torch._dynamo import mark_dynamic
+
+            for buffer in (*slots.keys, *slots.values):
+                mark_dynamic(buffer, 2)
+            mark_dynamic(slots.key_valid, 1)
+        try:
+            model(torch.zeros(self.config.max_batch, 1, dtype=torch.long, device=self.device), cache=slots)
+        finally:
+            slots.release(0)
+
+    def compile_in_background(self) -> threading.Thread:
+        """Compile the decode step for this engine's batch in another thread while the engine
+        serves eager answers, and switch to it at the first step boundary where no answer is half
+        written (compiled and eager logits agree within 1e-4; each answer keeps one of them from
+        start to end). ``compile_state`` goes "compiling", then "compiled", or back to "eager"
+        with a warning if compiling fails. Inductor caches on disk: the next start takes seconds."""
+        if self.compile_state != "eager":
+            raise RuntimeError(f"The decode step is already {self.compile_state}.")
+        self.compile_state = "compiling"
+        thread = threading.Thread(target=self._compile_aside, name="llama-adapter-compile", daemon=True)
+        thread.start()
+        return thread
+
+    def _compile_aside(self) -> None:
+        started = time.perf_counter()
+        log.info("Compiling the decode step in the background; answers are decoded eager meanwhile")
+        try:
+            with torch.inference_mode():
+                shadow = copy.copy(self.model)  # the same modules and tensors; its own decode_step
+                shadow.compile_decoding(warm_up=False)
+                self._step_once(shadow, SlotCache(shadow, self.config.max_batch), compile=True)
+        except Exception as e:  # inductor's failures are many and version-specific
+            log.warning("Could not compile the decode step (%s: %s); decoding stays eager", type(e).__name__, e)
+            self.compile_state = "eager"
+            return
+        log.info(
+            "Compiled the decode step in %.0f s; switching to it between two answers", time.perf_counter() - started
+        )
+        with self._cond:
+            self._compiled_step = shadow.decode_step
+            self._cond.notify()
+
+    def _switch_to_compiled(self) -> None:
+        self.model.decode_step = self._compiled_step
+        self._compiled_step = None
+        self.compile_state = "compiled"
+        log.info("Decoding with the compiled step")

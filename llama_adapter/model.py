@@ -574,18 +574,21 @@ class LlamaAdapter(nn.Module):
             h = layer(h, freqs, mask, None, cache, i)
         return self.output(self.norm(h))
 
-    def compile_decoding(self) -> None:
+    def compile_decoding(self, warm_up: bool = True) -> None:
         """Replace :meth:`decode_step` by its ``torch.compile`` version (inductor; on CPU with the
         C++ wrapper, which removes the per-kernel Python overhead that dominates one-token steps)
-        and compile it now, with the cache length dynamic so that one graph serves every length.
-        Costs ~1-3 min of compiling on a small CPU the first time, seconds afterwards (inductor
-        caches on disk). A batch of another size compiles once more. Prefill stays eager."""
+        and compile it now for a batch of one (``warm_up=False``: at its first call), with the
+        cache length dynamic so that one graph serves every length. Costs ~1-3 min of compiling
+        on a small CPU the first time, seconds afterwards (inductor caches on disk). A batch of
+        another size compiles once more. Prefill stays eager."""
         if self.training:
             raise ValueError("compile_decoding is for inference: call model.eval() first")
         import torch._dynamo
 
         options = {"cpp_wrapper": True} if self.tok_embeddings.weight.device.type == "cpu" else None
         self.decode_step = torch.compile(self.decode_step, fullgraph=True, options=options)
+        if not warm_up:
+            return
         try:
             with torch.inference_mode():
                 cache = self.new_cache(1)

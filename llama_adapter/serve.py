@@ -36,7 +36,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from .cli import add_model_arguments, add_server_arguments, check_environment_choices, env_value, load_from_arguments
+from .cli import add_model_arguments, add_server_arguments, check_environment_choices, env_value, load_for_serving
 from .engine import Request as Generation
 from .errors import EngineBusy, GenerationError, InputError, LlamaAdapterError
 from .images import open_image
@@ -560,15 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .engine import EngineConfig
 
     p = build_parser()
     args = p.parse_args(argv)
     check_environment_choices(p, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        pipe = load_from_arguments(args)
-        pipe.start_engine(EngineConfig(max_batch=args.max_batch, max_waiting=args.queue_size))
+        pipe = load_for_serving(args)
     except (LlamaAdapterError, ValueError) as e:
         log.error("Could not load the model: %s", e)
         return 2

@@ -25,6 +25,7 @@ from test_image_chat import visual_pipeline
 
 import app
 import llama_adapter.cli
+import llama_adapter.engine
 from experts import Availability, Expert, Registry, default_registry, run_experts
 from llama_adapter import CheckpointError, Pipeline
 from llama_adapter import serve as openai_api
@@ -300,10 +301,14 @@ def test_main_loads_once_and_launches(monkeypatch, served):
     loads, launches = [], []
     monkeypatch.setattr(llama_adapter.cli, "load", lambda *a, **k: loads.append((a, k)) or served.pipe)
     monkeypatch.setattr(app, "launch", lambda demo, **k: launches.append((demo, k)))
+    compiles = []
+    monkeypatch.setattr(llama_adapter.engine.Engine, "compile_in_background", lambda engine: compiles.append(engine))
     assert app.main(["--adapter", "mine.safetensors", "--quantize", "int8", "--compile", "--port", "9001"]) == 0
     limits = Limits(max_new_tokens=app.MAX_NEW_TOKENS)
-    expected = {"device": "cpu", "dtype": None, "quantize": "int8", "compile": True, "template": None, "limits": limits}
-    assert loads == [((None, "mine.safetensors"), expected)]
+    # --compile: the app serves at once, eager, and compiles in the background
+    expected = {"device": "cpu", "dtype": None, "quantize": "int8", "compile": False, "template": None}
+    expected["limits"] = limits
+    assert loads == [((None, "mine.safetensors"), expected)] and compiles == [served.pipe.engine]
     [(demo, kwargs)] = launches
     api = kwargs.pop("api")
     door = {"allowed_dirs": [], "allow_urls": False}

@@ -14,9 +14,11 @@ import torch
 from conftest import random_hf_model
 from PIL import Image, ImageDraw
 
+import llama_adapter
 from llama_adapter import EngineBusy
 from llama_adapter.engine import Engine, EngineConfig, SlotCache
 from llama_adapter.generate import Sampling
+from llama_adapter.model import LlamaAdapter
 
 PROMPTS = [
     "Name three colours.",
@@ -225,3 +227,61 @@ def test_the_cache_shrinks_back_when_a_long_request_leaves(tiny_pipe, endless, e
     list(after)
     assert grown >= 200 and eng.slots.capacity <= 64
     assert after.generated == before.generated
+
+
+def answer(engine: Engine, ids: list[int], n: int = 16) -> list[int]:
+    request = engine.submit(ids, Sampling(max_new_tokens=n))
+    list(request)
+    return request.generated
+
+
+def test_compiling_in_the_background_answers_eager_meanwhile_and_switches_between_answers(fresh_compiler):
+    """The engine keeps answering (eager) while its decode step compiles in another thread; an
+    answer under way when the compiled step is ready finishes eager; then the engine switches,
+    decodes with the compiled graph (no further compile) and gives the same greedy answers."""
+    from torch._dynamo.utils import counters
+
+    pipe = llama_adapter.load("tiny")  # its own model: the switch replaces the model's decode step
+    tokenizer = copy.copy(pipe.tokenizer)
+    tokenizer.stop_ids = set()
+    eng = Engine(pipe.model, tokenizer, EngineConfig(max_batch=2))
+    try:
+        ids = pipe.encode(pipe.render(PROMPTS[0]))
+        eager = answer(eng, ids)
+        held, original, steps = threading.Event(), eng._decode_step, []
+
+        def step() -> None:  # held until the compile is done; then notes which step decoded
+            held.wait()
+            steps.append((under_way.done, "decode_step" in vars(pipe.model)))
+            original()
+
+        eng._decode_step = step
+        under_way = eng.submit(ids, Sampling(max_new_tokens=16))
+        compiling = eng.compile_in_background()
+        assert eng.compile_state == "compiling"
+        compiling.join()
+        assert eng.compile_state == "compiling" and "decode_step" not in vars(pipe.model), "switched mid-answer"
+        held.set()
+        list(under_way)
+        assert under_way.generated == eager
+        assert not any(compiled for done, compiled in steps if not done), "switched mid-answer"
+        wait_until(lambda: eng.compile_state == "compiled")
+        assert "decode_step" in vars(pipe.model)
+        graphs = counters["stats"]["unique_graphs"]
+        assert answer(eng, ids) == eager and answer(eng, ids[:5]) == answer(eng, ids[:5])
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        eng.close()
+
+
+def test_a_failed_background_compile_warns_and_stays_eager(tiny_pipe, endless, engine, monkeypatch, caplog):
+    def broken(model, warm_up=True):
+        raise RuntimeError("inductor fell over")
+
+    eng = engine(endless, max_batch=2)
+    ids = tiny_pipe.encode(tiny_pipe.render(PROMPTS[1]))
+    eager = answer(eng, ids)
+    monkeypatch.setattr(LlamaAdapter, "compile_decoding", broken)
+    eng.compile_in_background().join()
+    assert eng.compile_state == "eager" and "inductor fell over" in caplog.text
+    assert "decode_step" not in vars(tiny_pipe.model) and answer(eng, ids) == eager
