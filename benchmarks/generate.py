@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import logging
 import math
 import tempfile
 import time
@@ -145,6 +146,7 @@ def requantised_ggufs(directory: Path, threads: int) -> dict[str, Path]:
     """The shipped SmolLM2 GGUF (Q4_1) requantised by llama.cpp to f32 and q8_0: our weights."""
     import llama_cpp
 
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its quantizer prints every tensor
     paths = {}
     for name, ftype in (("f32", 0), ("q8_0", 7)):
         params = llama_cpp.llama_model_quantize_default_params()
