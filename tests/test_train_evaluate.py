@@ -19,6 +19,7 @@ from train.evaluate import (
     load_pipeline,
     main,
     normalize_answer,
+    per_kind_sample,
     read_vqa,
     vqa_score,
     write_mme_answers,
@@ -203,3 +204,13 @@ def test_mme_answer_files_in_the_official_layout(adapter, tmp_path):
     fields = [line.split("\t") for line in lines]
     assert all(len(f) == 4 for f in fields)
     assert [f[0] for f in fields] == ["001.jpg", "001.jpg"] and [f[2] for f in fields] == ["Yes", "No"]
+
+
+def test_a_per_kind_sample_holds_as_many_yes_as_no():
+    answers = ["yes"] * 30 + ["no"] * 6 + ["red"] * 9
+    rows = [{"question": f"q{i}", "answers": [a], "image": "x.png"} for i, a in enumerate(answers)]
+    sample = per_kind_sample(rows, 5, seed=1)
+    kinds = [answer_kind(r["answers"][0]) for r in sample]
+    assert sorted(kinds) == ["colour"] * 5 + ["no"] * 5 + ["yes"] * 5
+    assert sample == per_kind_sample(rows, 5, seed=1) and sample != per_kind_sample(rows, 5, seed=2)
+    assert len(per_kind_sample(rows, 8)) == 8 + 6 + 8  # all six "no" rows: there are no more

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import math
+import random
 import re
 import sys
 from pathlib import Path
@@ -225,6 +226,17 @@ def read_vqa(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]
     return rows
 
 
+def per_kind_sample(rows: list[dict[str, Any]], per_kind: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``per_kind`` rows of each answer kind (:func:`answer_kind`; all of a kind that has fewer),
+    drawn with ``seed``: yes and no in equal numbers, so a model that answers from the question
+    alone cannot score above chance on them."""
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_kind.setdefault(answer_kind(row["answers"][0]), []).append(row)
+    rng = random.Random(seed)
+    return [row for kind in sorted(by_kind) for row in rng.sample(by_kind[kind], min(per_kind, len(by_kind[kind])))]
+
+
 def evaluate_vqa(
     pipe: Pipeline,
     rows: list[dict[str, Any]],
@@ -378,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
     vqa = commands.add_parser("vqa", parents=[shared], help="VQA accuracy of free-form replies, per answer kind")
     vqa.add_argument("--data", required=True, help="VQA-style JSON (easy-VQA questions.json or dicts)")
     vqa.add_argument("--limit", type=int, help="first N questions only")
+    vqa.add_argument("--per-kind", type=int, help="N questions of each answer kind (yes, no, shape, colour, text)")
+    vqa.add_argument("--seed", type=int, default=0, help="which questions --per-kind draws (default 0)")
     vqa.add_argument("--prompt", default="{question}", help="prompt template around {question}")
     vqa.add_argument("--judge", choices=JUDGES, default="free", help="free: judged from the words (default); exact")
     vqa.add_argument("--no-image", action="store_true", help="ask without the images (the blind baseline)")
@@ -395,9 +409,10 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = load_pipeline(args.base, args.adapter, device=args.device, dtype=args.dtype)
     if args.command == "vqa":
+        rows = read_vqa(args.data, args.limit)
         result = evaluate_vqa(
             pipe,
-            read_vqa(args.data, args.limit),
+            per_kind_sample(rows, args.per_kind, args.seed) if args.per_kind else rows,
             prompt=args.prompt,
             judge=args.judge,
             with_images=not args.no_image,
