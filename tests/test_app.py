@@ -152,6 +152,38 @@ def test_a_second_turn_sees_the_first(client, served):
     assert second != alone
 
 
+def page_event(served: Served, name: str):
+    """The function behind one of the page's events (they are private: no API endpoint reaches them)."""
+    return next(fn.fn for fn in served.demo.fns.values() if fn.name == name)
+
+
+def test_chat_tab_answers_after_retry_undo_and_a_new_system_prompt_equal_a_fresh_generate(served):
+    """The chat tab's Send, Retry and Undo and its system prompt box, as the page calls them: each
+    answer after the session's cache was cut back is exactly generate's for the same messages."""
+    send, retry, undo = (page_event(served, name) for name in ("chat_send", "chat_retry", "chat_undo"))
+    settings = (0.0, 1.0, 12, 0)  # temperature, top_p, max new tokens, seed
+
+    def answered(events) -> tuple[app.Conversation, str]:
+        *_, (messages, box, conv) = events
+        assert messages[-1]["content"] == conv.session.messages[-1]["content"] and box == ""
+        return conv, messages[-1]["content"]
+
+    def fresh(conv: app.Conversation) -> str:
+        return served.pipe.generate(conv.session.messages[:-1], max_new_tokens=12)
+
+    system = "You are terse."
+    conv, _ = answered(send("Name three colours.", None, system, *settings))
+    conv, _ = answered(send("What shape is a wheel?", conv, system, *settings))
+    conv, answer = answered(retry(conv, system, *settings))
+    assert answer == fresh(conv), "after Retry"
+    undo(conv)
+    conv, answer = answered(send("Count to five.", conv, system, *settings))
+    assert answer == fresh(conv), "after Undo"
+    conv, answer = answered(send("And to six?", conv, "Answer in French.", *settings))
+    assert conv.session.messages[0] == {"role": "system", "content": "Answer in French."}
+    assert answer == fresh(conv), "after a new system prompt"
+
+
 def test_describe_image_with_ocr_returns_the_expert_text_and_an_answer(client, served):
     result = client.predict(
         handle_file(served.sign), "What does the sign say?", ["ocr"], **FAST, api_name="/describe_image"

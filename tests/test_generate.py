@@ -10,7 +10,7 @@ import torch
 import llama_adapter
 import llama_adapter.chat
 from llama_adapter.errors import InputError
-from llama_adapter.generate import Sampling, TextStream
+from llama_adapter.generate import Sampling, TextStream, sample_next
 from llama_adapter.prompts import format_alpaca, render
 from llama_adapter.quantize import PackedLinear, can_pack
 
@@ -85,10 +85,48 @@ def test_chat_undo(smol):
 def test_chat_longer_than_the_context_drops_the_oldest_turns(tiny_pipe):
     chat = tiny_pipe.chat()
     for i in range(6):
-        chat.ask(f"Turn {i}: " + "red green blue " * 12, max_new_tokens=8)
-    assert chat.dropped_turns >= 1
+        answer = chat.ask(f"Turn {i}: " + "red green blue " * 12, max_new_tokens=8)
+        # Dropping turns rewrites the start of the prompt: the cache is cut back to what still matches.
+        assert answer == tiny_pipe.generate(chat.messages[:-1], max_new_tokens=8), f"turn {i}"
+    assert chat.dropped_turns >= 2
     assert chat.messages[0]["content"].startswith(f"Turn {chat.dropped_turns}:")
     assert chat.cache.length <= tiny_pipe.context_length
+
+
+# -- exact answers after cache surgery: the KV cache cut back to the shared prefix, positions too ------------
+
+
+def use_system(chat, system: str) -> None:
+    """A new system prompt mid-conversation, as the app's chat tab sets it."""
+    chat.messages[:] = [{"role": "system", "content": system}, *(m for m in chat.messages if m["role"] != "system")]
+
+
+@pytest.mark.parametrize("surgery", ["undo", "retry", "system_prompt_change", "undo_twice_then_ask"])
+def test_the_answer_after_cache_surgery_equals_a_fresh_generate(tiny_pipe, surgery):
+    """Greedy, on the random tiny model (whose answers move with any change of what it attends to):
+    after the cache is cut back to the prefix the new prompt shares, the next answer is exactly
+    what generate gives for the same messages from nothing."""
+    few = {"max_new_tokens": 12}
+    chat = tiny_pipe.chat(system="You are terse.")
+    for question in ("Name three colours.", "What shape is this?", "Count to five."):
+        chat.ask(question, **few)
+    question = "Describe the image."
+    if surgery == "undo":
+        chat.undo()
+    elif surgery == "retry":
+        question = chat.messages[-2]["content"]
+        chat.undo()
+    elif surgery == "system_prompt_change":
+        use_system(chat, "Answer in one word.")
+    else:
+        chat.undo()
+        chat.undo()
+    cached = chat.cache.length
+    answer = chat.ask(question, **few)
+    prompt = tiny_pipe.encode(tiny_pipe.render(chat.messages[:-1]))
+    reused = len(prompt) - chat.last_prefill_tokens
+    assert 0 < reused < cached  # a prefix was reused, and the cache held more than it: surgery happened
+    assert answer == tiny_pipe.generate(chat.messages[:-1], **few)
 
 
 def test_seeded_sampling_is_reproducible(smol):
@@ -257,3 +295,54 @@ def test_packed_linear_equals_the_plain_product():
 
 def test_sampling_from_kwargs_accepts_single_stop_string():
     assert Sampling.from_kwargs(stop="###").stop == ("###",)
+
+
+# -- sampling on hand-made logits: the draws' frequencies against distributions computed by hand -------------
+
+PROBS = torch.tensor([0.05, 0.30, 0.10, 0.25, 0.02, 0.20, 0.08])  # by rank: ids 1, 3, 5, 2, 6, 0, 4
+DRAWS = 40_000  # a frequency's standard error is at most 0.0025: the 0.01 tolerance is 4 of them
+
+
+def frequencies(logits: torch.Tensor, history: list[int] | None = None, **sampling) -> torch.Tensor:
+    """How often each id is drawn, over DRAWS rows of the same logits (seeded)."""
+    rows = logits.expand(DRAWS, -1)
+    seen = torch.tensor([history]).expand(DRAWS, -1) if history else None
+    ids = sample_next(rows, Sampling(**sampling), torch.Generator().manual_seed(0), seen)
+    return torch.bincount(ids, minlength=len(logits)) / DRAWS
+
+
+def renormalised(keep: list[int], probs: torch.Tensor = PROBS) -> torch.Tensor:
+    kept = torch.zeros_like(probs)
+    kept[keep] = probs[keep]
+    return kept / kept.sum()
+
+
+@pytest.mark.parametrize("k, keep", [(1, [1]), (3, [1, 3, 5]), (5, [1, 3, 5, 2, 6])])
+def test_top_k_keeps_the_k_most_likely_tokens(k, keep):
+    got = frequencies(PROBS.log(), temperature=1.0, top_k=k)
+    assert set(got.nonzero().flatten().tolist()) == set(keep)
+    torch.testing.assert_close(got, renormalised(keep), atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("p, keep", [(0.25, [1]), (0.5, [1, 3]), (0.6, [1, 3, 5]), (0.8, [1, 3, 5, 2])])
+def test_top_p_keeps_the_smallest_set_whose_probability_reaches_p(p, keep):
+    got = frequencies(PROBS.log(), temperature=1.0, top_p=p)
+    assert set(got.nonzero().flatten().tolist()) == set(keep)
+    torch.testing.assert_close(got, renormalised(keep), atol=0.01, rtol=0)
+
+
+def test_temperature_divides_the_logits():
+    expected = PROBS**2 / (PROBS**2).sum()  # temperature 0.5: every logit doubled
+    torch.testing.assert_close(frequencies(PROBS.log(), temperature=0.5), expected, atol=0.01, rtol=0)
+
+
+def test_repetition_penalty_lowers_exactly_the_seen_ids():
+    """CTRL's rule: a seen id's logit is divided by the penalty when positive, multiplied when
+    negative; ids seen twice are lowered once; unseen ids keep theirs."""
+    logits = torch.tensor([2.0, -1.0, 1.5, 0.5, -0.3, 1.0])
+    penalised = torch.tensor([1.0, -2.0, 1.5, 0.5, -0.3, 1.0])  # ids 0 and 1 seen, penalty 2
+    got = frequencies(logits, history=[0, 1, 1, 0], temperature=1.0, repetition_penalty=2.0)
+    torch.testing.assert_close(got, penalised.softmax(-1), atol=0.01, rtol=0)
+    # Greedy: the seen best id falls below the unseen second.
+    greedy = sample_next(logits[None], Sampling(repetition_penalty=2.0), None, torch.tensor([[0]]))
+    assert greedy.tolist() == [2]

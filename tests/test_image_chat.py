@@ -145,12 +145,15 @@ def test_a_stopped_answer_stays_in_the_history(pipe, kw, picture):
     assert [m["role"] for m in chat.messages] == ["user", "assistant"] * 2
 
 
-def test_undo_and_reset(pipe, kw, picture):
+def test_undo_cuts_the_cache_back_and_reset_starts_over(pipe, kw, picture):
     chat = ImageChat(pipe, picture, system="Answer in one word.", **kw)
     chat.ask("What colour is the square?", **SHORT)
     chat.ask("What shape is it?", **SHORT)
     chat.undo()
     assert [m["role"] for m in chat.messages] == ["system", "user", "assistant"] and chat.last_prompt is None
+    # The cache still holds the undone turn: it is cut back, and the next answer is generate's.
+    after_undo = chat.ask("Is it a circle?", **SHORT)
+    assert after_undo == pipe.generate(chat.messages[:-1], image=picture, **SHORT)
     chat.reset()
     assert chat.messages == [{"role": "system", "content": "Answer in one word."}]
     assert chat.image is not None  # the image stays

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_hf_model, write_hf_dir, write_meta_dir
+from reference import Layer, Shape, linear, llama_logits
 
 import llama_adapter
 from llama_adapter.build import build_model
@@ -39,7 +40,9 @@ def test_fresh_adapter_equals_transformers(preset, tiny_spm, tmp_path):
         assert torch.allclose(model(ids, images=image), expected, atol=1e-4, rtol=0)
 
 
-def test_meta_and_hf_layouts_give_identical_logits(tiny_spm, tmp_path):
+def test_meta_model_parallel_shards_give_the_hf_logits(tiny_spm, tmp_path):
+    """Two shards split as Meta's reference code splits them (conftest.META_SHARD_DIM), merged by
+    our loader: the same logits as the transformers folder."""
     hf = random_hf_model("tiny", seed=3)
     from_hf = build_model(load_base(write_hf_dir(hf, tmp_path / "hf", tiny_spm)), None)
     from_meta = build_model(load_base(write_meta_dir(hf, tmp_path / "llama" / "tiny", tiny_spm, shards=2)), None)
@@ -56,12 +59,9 @@ def test_official_layout_folder_is_found(tiny_spm, tmp_path):
     assert base.config.dim == 64 and base.tokenizer.vocab_size == 320
 
 
-def test_real_smollm2_matches_transformers(smol):
-    from transformers import AutoModelForCausalLM
-
-    from llama_adapter.weights import smollm2_dir
-
-    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), dtype=torch.float32).eval()
+def test_real_smollm2_matches_transformers_reading_the_gguf(smol, smollm2_from_gguf):
+    """The cached SmolLM2 folder (made once by our conversion) against transformers reading the GGUF."""
+    hf = smollm2_from_gguf
     ids = torch.tensor([smol.encode(smol.render("Name three colours."))])
     with torch.no_grad():
         assert torch.allclose(smol.model(ids), hf(ids).logits, atol=1e-4, rtol=0)
@@ -111,6 +111,64 @@ def trained_looking(cfg: LlamaConfig, acfg: AdapterConfig) -> LlamaAdapter:
             if p.dim() <= 1 or p.shape[-1] == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
+
+
+def paper_layers_by_hand(model: LlamaAdapter, visual_prompt: torch.Tensor) -> list[Layer]:
+    """Each block of a ``paper``-wired model as the paper describes it, from its tensors: bias and
+    scale on all seven linears; static prompts in the last ``adapter_layers`` layers, the visual
+    prompt alone in the first ``visual_layers`` (early fusion); prompts through attention_norm."""
+    t = {k: v.detach().double() for k, v in model.state_dict().items()}
+    acfg, n = model.adapter_config, model.config.n_layers
+    static = t["adapter_query.weight"].view(acfg.adapter_layers, acfg.prompt_len, -1)
+    layers = []
+    for i in range(n):
+        p = f"layers.{i}."
+
+        def lin(name: str, p: str = p) -> callable:
+            return lambda x: linear(x, t[p + name + ".base.weight"], t[p + name + ".bias"], t[p + name + ".scale"])
+
+        prompt = None
+        if i < acfg.visual_layers:
+            prompt = visual_prompt.double()
+        elif i >= n - acfg.adapter_layers:
+            prompt = static[i - (n - acfg.adapter_layers)]
+        layers.append(
+            Layer(
+                attention_norm=t[p + "attention_norm.weight"],
+                ffn_norm=t[p + "ffn_norm.weight"],
+                **{w: lin(f"attention.{w}") for w in ("wq", "wk", "wv", "wo")},
+                **{w: lin(f"feed_forward.{w}") for w in ("w1", "w2", "w3")},
+                prompt_wk=lin("attention.wk"),
+                prompt_wv=lin("attention.wv"),
+                gate=t[p + "attention.gate"].flatten() if prompt is not None else None,
+                prompt=prompt,
+                prompt_norm=True,
+            )
+        )
+    return layers
+
+
+def test_gated_prompt_attention_equals_the_paper_by_hand():
+    """The adapter prompt's attention (its own softmax, no RoPE, weighted per head by tanh(gate)),
+    against the computation written out in tests/reference.py. The gates are far from 0, where
+    tanh matters (tanh 2 = 0.96), and differ per head."""
+    cfg = LlamaConfig.from_name("tiny")
+    acfg = fresh_adapter("tiny")
+    model = trained_looking(cfg, acfg)
+    heads = torch.tensor([2.0, -1.5, 0.7, 3.0])
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            layer.attention.gate.copy_((heads + 0.2 * i).view(1, -1, 1, 1))
+    g = torch.Generator().manual_seed(5)
+    visual = torch.randn(acfg.prompt_len, cfg.dim, generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (19,), generator=g)
+    with torch.no_grad():
+        got = model(ids[None], visual_prompt=visual[None])[0]
+    t = {k: v.detach().double() for k, v in model.state_dict().items()}
+    shape = Shape(cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps, cfg.rope_theta)
+    layers = paper_layers_by_hand(model, visual)
+    expected = llama_logits(ids, t["tok_embeddings.weight"], layers, t["norm.weight"], t["output.weight"], shape)
+    torch.testing.assert_close(got, expected.float(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("wiring", ["paper", "official"])

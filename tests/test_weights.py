@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_hf_model, write_hf_dir, write_meta_dir
+from reference import Shape, official_logits
 from safetensors.torch import save_file
 
 import llama_adapter
@@ -37,33 +38,35 @@ def official_tensors(lora: bool) -> dict[str, torch.Tensor]:
     official code (llama_adapter.py / llama.py), independent of our key mapping."""
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
+    norm = lambda n: 1 + r(n)  # noqa: E731 (trained norms stay near 1)
     d, h, kv = TINY.dim, TINY.hidden_dim, TINY.n_kv_heads * TINY.head_dim
     sd = {
         "clip_proj.weight": r(V_DIM, 768), "clip_proj.bias": r(V_DIM),
-        "clip_proj_norm.weight": r(V_DIM), "clip_proj_norm.bias": r(V_DIM),
+        "clip_proj_norm.weight": norm(V_DIM), "clip_proj_norm.bias": r(V_DIM),
         "visual_query.weight": r(10, V_DIM),
         "visual_proj.weight": r(d, V_DIM), "visual_proj.bias": r(d),
-        "visual_proj_norm.weight": r(d), "visual_proj_norm.bias": r(d),
+        "visual_proj_norm.weight": norm(d), "visual_proj_norm.bias": r(d),
         "adapter_query.weight": r(10 * (TINY.n_layers - 1), d),
-        "llama.norm.weight": r(d),
+        "llama.norm.weight": norm(d),
     }  # fmt: skip
     for b in range(V_DEPTH):
         p = f"visual_blocks.{b}."
         sd |= {
-            p + "norm1.weight": r(V_DIM), p + "norm1.bias": r(V_DIM),
+            p + "norm1.weight": norm(V_DIM), p + "norm1.bias": r(V_DIM),
             p + "attn.qkv.weight": r(3 * V_DIM, V_DIM), p + "attn.qkv.bias": r(3 * V_DIM),
             p + "attn.proj.weight": r(V_DIM, V_DIM), p + "attn.proj.bias": r(V_DIM),
-            p + "norm2.weight": r(V_DIM), p + "norm2.bias": r(V_DIM),
+            p + "norm2.weight": norm(V_DIM), p + "norm2.bias": r(V_DIM),
             p + "mlp.fc1.weight": r(4 * V_DIM, V_DIM), p + "mlp.fc1.bias": r(4 * V_DIM),
             p + "mlp.fc2.weight": r(V_DIM, 4 * V_DIM), p + "mlp.fc2.bias": r(V_DIM),
         }  # fmt: skip
     for i in range(TINY.n_layers):
         p = f"llama.layers.{i}."
         sd |= {
-            p + "attention.gate": r(1, TINY.n_heads, 1, 1),
+            # Far from 0, where tanh matters, and different per head.
+            p + "attention.gate": torch.tensor([2.0, -1.5, 0.7, 3.0]).view(1, TINY.n_heads, 1, 1) + r(1),
             p + "attention.wq.bias": r(d), p + "attention.wo.bias": r(d),
             p + "feed_forward.w1.bias": r(h), p + "feed_forward.w2.bias": r(d), p + "feed_forward.w3.bias": r(h),
-            p + "attention_norm.weight": r(d), p + "ffn_norm.weight": r(d),
+            p + "attention_norm.weight": norm(d), p + "ffn_norm.weight": norm(d),
         }  # fmt: skip
         if lora:
             for name, out in (("wq", d), ("wk", kv), ("wv", kv), ("wo", d)):
@@ -72,7 +75,7 @@ def official_tensors(lora: bool) -> dict[str, torch.Tensor]:
             for name, inp, out in (("w1", d, h), ("w2", h, d), ("w3", d, h)):
                 sd[p + f"feed_forward.lora_{name}_l1.weight"] = r(RANK, inp)
                 sd[p + f"feed_forward.lora_{name}_l2.weight"] = r(out, RANK)
-            sd[p + "attention.new_gate"] = r(1, 1, 1, 1)
+            sd[p + "attention.new_gate"] = 1 + r(1, 1, 1, 1)
     return sd
 
 
@@ -100,6 +103,34 @@ def test_official_adapter_loads_key_exact(lora, tmp_path):
     assert len(sd) == len(adapter_state_dict(model))
 
 
+def official_logits_by_hand(meta_dir: Path, official: dict[str, torch.Tensor], ids, clip_tokens) -> torch.Tensor:
+    """The released forward (tests/reference.py) from the Meta checkpoint and the release file as written."""
+    params = json.loads((meta_dir / "params.json").read_text())
+    base = torch.load(meta_dir / "consolidated.00.pth", weights_only=True)
+    shape = Shape(params["n_heads"], params["n_kv_heads"], params["norm_eps"], params["rope_theta"])
+    double = lambda sd: {k: v.double() for k, v in sd.items()}  # noqa: E731
+    return official_logits(double(base), double(official), ids, clip_tokens.double(), shape).float()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_official_wiring_equals_the_released_forward_by_hand(lora, tiny_spm, tmp_path):
+    """A Meta base and a release-format adapter read by our loaders, against the released code's
+    forward written out by hand: bias on wq/wo/w1/w2/w3, no scale, raw prompts, the visual query
+    added to every adapter layer's prompt, (LoRA: not on the prompt's keys/values, new_gate)."""
+    meta_dir = write_meta_dir(random_hf_model("tiny"), tmp_path / "llama" / "7B", tiny_spm)
+    official = official_tensors(lora)
+    base = load_base(tmp_path / "llama")
+    adapter = read_official_adapter(write_official(tmp_path / "a.pth", official, lora), base.config, name="tiny")
+    model = LlamaAdapter(base.config, adapter.config).eval()  # no CLIP tower: its features are given
+    assert model.load_state_dict(base.state_dict, strict=False).unexpected_keys == []
+    load_adapter_into(model, adapter)
+    g = torch.Generator().manual_seed(2)
+    clip_tokens, ids = torch.randn(257, 768, generator=g), torch.randint(0, 320, (17,), generator=g)
+    with torch.no_grad():
+        got = model(ids[None], visual_prompt=model.encode_image(features=clip_tokens[None]))[0]
+    torch.testing.assert_close(got, official_logits_by_hand(meta_dir, official, ids, clip_tokens), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("change", ["extra", "missing"])
 def test_official_adapter_with_one_key_off_fails_naming_it(change, tmp_path):
     sd = official_tensors(lora=False)
@@ -114,7 +145,7 @@ def test_official_adapter_with_one_key_off_fails_naming_it(change, tmp_path):
         load_adapter_into(LlamaAdapter(TINY, adapter.config), adapter)
 
 
-def test_official_adapter_end_to_end_with_bgr(tiny_spm, tmp_path):
+def test_official_adapter_end_to_end_with_bgr_computes_the_released_forward(tiny_spm, tmp_path):
     """load(base=Meta folder, adapter=.pth): random CLIP ViT-L/14 (no weights offline), BGR input."""
     base_dir = write_meta_dir(random_hf_model("tiny"), tmp_path / "llama" / "7B", tiny_spm)
     path = write_official(tmp_path / "tiny-BIAS.pth", official_tensors(lora=False), False)
@@ -126,8 +157,14 @@ def test_official_adapter_end_to_end_with_bgr(tiny_spm, tmp_path):
     image = Image.new("RGB", (300, 200), (250, 10, 10))
     rgb, bgr = image_to_tensor(image, "clip-vit-l-14", "RGB"), image_to_tensor(image, "clip-vit-l-14", "BGR")
     assert bgr[2].mean() > bgr[0].mean() and rgb[0].mean() > rgb[2].mean()  # red lands in the last channel
-    answer = pipe.generate("What is in the image?", image=image, max_new_tokens=5)
-    assert isinstance(answer, str)
+    assert pipe.generate("What is in the image?", image=image, max_new_tokens=5) is not None
+    # The whole load path (fused projections) computes the released forward.
+    g = torch.Generator().manual_seed(2)
+    clip_tokens, ids = torch.randn(257, 768, generator=g), torch.randint(0, 320, (17,), generator=g)
+    with torch.no_grad():
+        got = pipe.model(ids[None], visual_prompt=pipe.model.encode_image(features=clip_tokens[None]))[0]
+    expected = official_logits_by_hand(base_dir, official_tensors(lora=False), ids, clip_tokens)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
 def test_adapter_for_another_base_is_refused_in_one_sentence(tmp_path):
@@ -193,13 +230,27 @@ def test_our_adapter_on_the_wrong_base_is_refused(tiny_spm, tmp_path):
         llama_adapter.load(base=other, adapter=path)
 
 
-def test_gguf_file_loads_the_same_model_as_the_cached_folder(smol):
-    from llama_adapter.weights import SMOLLM2, cache_dir
+def test_gguf_to_folder_conversion_equals_transformers_reading_the_gguf(smol, smollm2_from_gguf, tmp_path, monkeypatch):
+    """Our GGUF → Hugging Face folder conversion (q/k permuted back to transformers' layout), run
+    afresh into a temporary cache: every tensor equals transformers' own reading of the GGUF, and
+    the model loaded from the folder gives its logits."""
+    gguf = weights._fetch_smollm2_gguf()
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / gguf.name).symlink_to(gguf)
+    monkeypatch.setenv("LLAMA_ADAPTER_CACHE", str(tmp_path))
+    folder = weights.smollm2_dir()
+    assert folder.parent == tmp_path  # converted here, not found in the user's cache
 
-    gguf = cache_dir() / "downloads" / Path(SMOLLM2["member"]).name
-    base = load_base(gguf)
-    assert base.fingerprint == smol.info["base_fingerprint"]
-    assert base.config.n_kv_heads == 3 and base.config.tie_embeddings
+    expected = smollm2_from_gguf.state_dict()
+    converted = weights.read_tensors(folder / "model.safetensors")
+    assert set(converted) == set(expected) - {"lm_head.weight"}  # tied to the embeddings
+    assert [key for key, tensor in converted.items() if not torch.equal(tensor, expected[key])] == []
+
+    pipe = llama_adapter.load(folder)
+    assert pipe.info["base_fingerprint"] == smol.info["base_fingerprint"]
+    ids = torch.tensor([pipe.encode(pipe.render("Name three colours."))])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.model(ids), smollm2_from_gguf(ids).logits, atol=1e-4, rtol=0)
 
 
 def test_missing_and_unknown_inputs_say_what_to_do(tmp_path):
