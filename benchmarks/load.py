@@ -264,11 +264,14 @@ def run_load(
     api_users: int = 0,
     api_mix: tuple[float, float] = (0.5, 0.5),
     tokenizer: Path | None = None,
+    requests: int | None = None,
 ) -> Report:
     """``users`` users, each asking one question after another (the first ``api_users`` through
     the OpenAI client, streaming, the others through gradio_client): for ``warmup`` seconds
     (counted apart: memory settles as every worker thread and input size is first seen), then for
-    ``seconds``, the measured window. Requests still running at the end are waited for."""
+    ``seconds``, the measured window. Requests still running at the end are waited for.
+    With ``requests`` each user instead asks exactly that many (a refusal counts as one), all
+    measured: the same work on a fast machine and a slow one (the test suite's way)."""
     from gradio_client import Client
 
     images = images or example_images()
@@ -293,14 +296,19 @@ def run_load(
         for kind in API_KINDS:
             request(connect(True), kind, random.Random(seed), images[:1], max_new_tokens, count)
     lock = threading.Lock()
-    measured_from = time.monotonic() + warmup
+    measured_from = time.monotonic() + (warmup if requests is None else 0.0)
     deadline = measured_from + seconds
+
+    def more(asked: int) -> bool:
+        return asked < requests if requests is not None else time.monotonic() < deadline
 
     def user(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
         api = index < api_users
         client = connect(api)
-        while time.monotonic() < deadline:
+        asked = 0
+        while more(asked):
+            asked += 1
             kind = rng.choices(API_KINDS, weights=api_mix)[0] if api else rng.choices(GRADIO_KINDS, weights=mix)[0]
             started = time.monotonic()
             try:
@@ -328,6 +336,8 @@ def run_load(
             time.sleep(0.2)
     if pid:
         report.rss_end = rss(pid)
+    if requests is not None:
+        report.seconds = time.monotonic() - measured_from
     return report
 
 

@@ -392,7 +392,7 @@ _default_guard = threading.Lock()
 
 
 def default_registry() -> Registry:
-    """The process-wide registry (models load once per process): OCR engines easyocr, rapidocr and
+    """The process-wide registry (models load once per process): OCR engines easyocr and
     tesseract, then the captioners CoCa and the ImageNet tagger. Register a LLaMA-Adapter caption
     adapter with ``default_registry().register(AdapterCaptioner(pipe), first=True)``."""
     global _default
@@ -404,7 +404,6 @@ def default_registry() -> Registry:
             _default = Registry(
                 [
                     OcrExpert("easyocr"),
-                    OcrExpert("rapidocr"),
                     OcrExpert("tesseract"),
                     CocaCaptioner(),
                     ImageNetTagger(),

@@ -1,6 +1,6 @@
-"""OCR experts: easyocr (default, offline English models), rapidocr and tesseract.
+"""OCR experts: easyocr (default, offline English models) and tesseract.
 
-All three return the same thing: the text read in reading order (lines top to bottom, words
+Both return the same thing: the text read in reading order (lines top to bottom, words
 left to right), one line per text line, with low-confidence boxes dropped.
 """
 
@@ -27,7 +27,7 @@ from .base import Availability, Expert
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("easyocr", "rapidocr", "tesseract")
+ENGINES = ("easyocr", "tesseract")
 
 MIN_CONFIDENCE = 0.3
 """Boxes below this confidence (0–1) are dropped: below it easyocr mostly reads texture as text."""
@@ -189,32 +189,6 @@ class _EasyOcr(_Engine):
         return [TextBox.from_points(text, conf, points) for points, text, conf in found]
 
 
-class _RapidOcr(_Engine):
-    name = "rapidocr"
-
-    def __init__(self) -> None:
-        self._engine: Any = None
-        self._lock = threading.Lock()
-
-    def availability(self) -> Availability:
-        if _missing("rapidocr_onnxruntime"):
-            return Availability(
-                False,
-                "rapidocr is not installed.",
-                "Install it (ONNX models are in the wheel): pip install rapidocr-onnxruntime==1.4.4",
-            )
-        return Availability(True)
-
-    def read(self, image: Image.Image) -> list[TextBox]:
-        with self._lock:
-            if self._engine is None:
-                from rapidocr_onnxruntime import RapidOCR
-
-                self._engine = RapidOCR()
-        found, _ = self._engine(image)
-        return [TextBox.from_points(text, conf, points) for points, text, conf in found or []]
-
-
 class _Tesseract(_Engine):
     name = "tesseract"
 
@@ -259,7 +233,7 @@ def _tesseract_languages() -> tuple[str, ...]:
     return tuple(line.strip() for line in out.splitlines()[1:])
 
 
-_ENGINE_TYPES: dict[str, Callable[[], _Engine]] = {"easyocr": _EasyOcr, "rapidocr": _RapidOcr, "tesseract": _Tesseract}
+_ENGINE_TYPES: dict[str, Callable[[], _Engine]] = {"easyocr": _EasyOcr, "tesseract": _Tesseract}
 
 
 def _writable_cache(sub: str) -> Path:

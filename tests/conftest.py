@@ -18,6 +18,27 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Skips that CI accepts (CI=true): test → why it may skip there. Any other skip fails the run, so
+# that a missing package or program cannot turn a test off unnoticed (.ci/run installs them all).
+ALLOWED_SKIPS = {
+    "tests/test_generate.py::test_packed_linear_equals_the_plain_product": "needs a CPU with bfloat16 in oneDNN",
+}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("CI", "").lower() not in ("true", "1"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    unexpected = sorted({r.nodeid for r in skipped if r.nodeid.split("[")[0] not in ALLOWED_SKIPS})
+    if unexpected:
+        reporter.ensure_newline()
+        reporter.write_line(f"CI: {len(unexpected)} skipped test(s) not in tests/conftest.py ALLOWED_SKIPS:", red=True)
+        for nodeid in unexpected:
+            reporter.write_line(f"  {nodeid}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 CORPUS = """The quick brown fox jumps over the lazy dog. A red circle sits next to a blue square.
 What shape is this? It is a triangle. What colour is the shape? The shape is green.
 Below is an instruction that describes a task. Write a response that appropriately completes the request.

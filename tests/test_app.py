@@ -365,13 +365,13 @@ def test_python_app_py_serves_the_default_model_offline(tmp_path):
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
+        while proc.poll() is None:  # until it answers, or exits (its log then says why)
             try:
                 if httpx.get(url, timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(1)
+                pass
+            time.sleep(1)
         assert proc.poll() is None, (tmp_path / "app.log").read_text()
         answer = Client(url, verbose=False).predict("Say hi.", [], max_new_tokens=4, api_name="/chat")
         assert isinstance(answer, str) and answer

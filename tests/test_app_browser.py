@@ -5,6 +5,7 @@ go to test-artifacts/."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -16,7 +17,7 @@ from experts.base import DEFAULT_CACHE
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = shutil.which("chromium")  # as .ci/run looks for it (command -v chromium)
 ARTIFACTS = ROOT / "test-artifacts"
 BROWSER_ARGS = [
     "--headless",
@@ -36,13 +37,13 @@ def served() -> Served:
 
 @pytest.fixture(scope="module")
 def page(served: Served) -> Iterator:
-    if not CHROMIUM.is_file():
+    if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does it)")
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.set_default_timeout(60_000)
         # Not "networkidle": a Gradio page keeps a connection open, so it never comes.

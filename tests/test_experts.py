@@ -7,7 +7,7 @@ import importlib
 import json
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -63,14 +63,20 @@ class Broken(Fixed):
 
 
 class Sleepy(Fixed):
+    """Answers after ``seconds`` or when ``release`` is set, whichever comes first; its own limit is
+    0.3 s. ``finished`` counts the answers it got to the end of."""
+
     def __init__(self, name: str = "sleepy", seconds: float = 5.0) -> None:
         super().__init__(name, "too late")
         self.seconds = seconds
         self.timeout_s = 0.3
+        self.release = threading.Event()
+        self.finished = 0
 
     def describe(self, image: Image.Image) -> str:
         self.calls += 1
-        time.sleep(self.seconds)
+        self.release.wait(self.seconds)
+        self.finished += 1
         return self.text
 
 
@@ -144,7 +150,7 @@ def test_register_rejects_duplicates_and_reserved_names_and_keeps_order_on_repla
 
 def test_default_registry_lists_every_expert_with_a_reason_when_unavailable():
     reg = default_registry()
-    assert {"ocr-easyocr", "ocr-rapidocr", "ocr-tesseract", "caption-coca", "tagger"} <= set(reg.names())
+    assert {"ocr-easyocr", "ocr-tesseract", "caption-coca", "tagger"} <= set(reg.names())
     assert reg.get("ocr").name == "ocr-easyocr"
     for expert in reg:
         status = expert.availability()
@@ -165,16 +171,18 @@ def test_an_expert_that_raises_is_reported_and_the_others_still_answer(image):
 
 
 def test_an_expert_that_sleeps_past_its_limit_is_abandoned(image):
-    slow, good = Sleepy(), Fixed("good")
-    started = time.perf_counter()
-    report = run_experts(image, [slow, good], cache=None)
-    assert time.perf_counter() - started < 3.0
-    assert report["sleepy"].status == "timeout" and "0.3 s" in report["sleepy"].reason
-    assert report.context == "Fixed (good): a fixed description"
-    # A second call waits for the abandoned one instead of starting another thread, and says so.
-    again = run_experts(image, [slow], cache=None)
-    assert again["sleepy"].status == "timeout" and "still busy" in again["sleepy"].reason
-    assert slow.calls == 1
+    slow, good = Sleepy(seconds=60), Fixed("good")  # answers only when released, here at the end
+    try:
+        report = run_experts(image, [slow, good], cache=None)
+        assert slow.calls == 1 and slow.finished == 0  # the report came without waiting for it
+        assert report["sleepy"].status == "timeout" and "0.3 s" in report["sleepy"].reason
+        assert report.context == "Fixed (good): a fixed description"
+        # A second call waits for the abandoned one instead of starting another thread, and says so.
+        again = run_experts(image, [slow], cache=None)
+        assert again["sleepy"].status == "timeout" and "still busy" in again["sleepy"].reason
+        assert slow.calls == 1 and slow.finished == 0
+    finally:
+        slow.release.set()
 
 
 def test_timeout_argument_overrides_the_experts_own_limit(image):
@@ -290,12 +298,10 @@ def test_tagger_text_is_plain_words_and_honest(tagger, chelsea):
 def test_coca_builds_with_random_weights_and_runs_end_to_end_on_cpu(chelsea):
     coca = CocaCaptioner(random_weights=True, max_tokens=4)
     assert coca.availability().available
-    started = time.perf_counter()
-    report = run_experts(chelsea, [coca], cache=None, timeout_s=300)
+    report = run_experts(chelsea, [coca], cache=None)  # within the captioner's own time limit, or "timeout"
     result = report["caption-coca-random"]
     assert result.status == "ok", result.reason
     assert isinstance(result.text, str) and result.text
-    assert time.perf_counter() - started < 120
 
 
 def test_coca_without_weights_says_what_to_download_and_where(no_coca_weights, image):

@@ -1,5 +1,5 @@
-"""OCR experts for real: easyocr on rendered text and scikit-image photos; rapidocr and tesseract
-when installed; reading order; unavailable engines explain how to install them."""
+"""OCR experts for real: easyocr on rendered text and scikit-image photos; tesseract (CI installs
+it); reading order; unavailable engines explain how to install them."""
 
 from __future__ import annotations
 
@@ -225,25 +225,23 @@ def test_easyocr_sees_a_torch_whose_load_is_always_weights_only(tmp_path):
     assert safe.nn is torch.nn
 
 
-@pytest.mark.parametrize("engine", ["rapidocr", "tesseract"])
-def test_alternative_engines_read_rendered_text(engine, rendered):
-    expert = default_registry().get(f"ocr-{engine}")
+def test_tesseract_word_recall_on_rendered_images(rendered):
+    expert = default_registry().get("ocr-tesseract")
     status = expert.availability()
     if not status.available:
-        pytest.skip(str(status))
+        pytest.skip(str(status))  # .ci/run installs tesseract: under CI this skip fails the run
     recall, misses = recall_over(expert, rendered[:6])
-    assert recall >= 0.85, f"{engine} word recall {recall:.1%}; misses: {misses}"
+    assert recall >= 0.85, f"tesseract word recall {recall:.1%}; misses: {misses}"
 
 
 def test_unavailable_engines_say_how_to_install_them(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    gone = {"easyocr", "rapidocr_onnxruntime", "pytesseract"}
+    gone = {"easyocr", "pytesseract"}
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name in gone else real_find_spec(name, *a)
     )
     for engine, hint in [
         ("easyocr", "pip install easyocr"),
-        ("rapidocr", "pip install rapidocr-onnxruntime"),
         ("tesseract", "pip install pytesseract"),
     ]:
         status = OcrExpert(engine).availability()
@@ -261,7 +259,7 @@ def test_missing_offline_models_and_tesseract_binary_are_explained(monkeypatch, 
 
 
 def test_unknown_engine_is_refused():
-    with pytest.raises(ValueError, match="easyocr, rapidocr, tesseract"):
+    with pytest.raises(ValueError, match="easyocr, tesseract"):
         OcrExpert("abbyy")
 
 
