@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_hf_model, write_hf_dir, write_meta_dir
-from reference import Layer, Shape, linear, llama_logits
+from reference import Layer, Linear, Shape, linear, llama_logits
 
 import llama_adapter
 from llama_adapter.build import build_model
@@ -124,7 +124,7 @@ def paper_layers_by_hand(model: LlamaAdapter, visual_prompt: torch.Tensor) -> li
     for i in range(n):
         p = f"layers.{i}."
 
-        def lin(name: str, p: str = p) -> callable:
+        def lin(name: str, p: str = p) -> Linear:
             return lambda x: linear(x, t[p + name + ".base.weight"], t[p + name + ".bias"], t[p + name + ".scale"])
 
         prompt = None
