@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from llama_adapter.weights import PINNED_FILES, download_pinned, pinned_path
+
 from .base import Availability, Expert
 
 if TYPE_CHECKING:
@@ -99,6 +101,9 @@ COCA_TAG = "mscoco_finetuned_laion2B-s13B-b90k"
 COCA_ENV = "LLAMA_ADAPTER_COCA_WEIGHTS"
 COCA_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 """File names open_clip uses on the Hugging Face hub, safest first."""
+
+COCA_PIN = "coca-vit-l-14"
+"""The pinned download (llama_adapter.weights.PINNED_FILES) of the default model and tag."""
 
 SOT, EOT = 49406, 49407
 """CoCa's (CLIP tokenizer's) start- and end-of-text ids."""
@@ -192,6 +197,8 @@ class CocaCaptioner(Expert):
         for name in COCA_FILES:
             if (folder / name).is_file():
                 return folder / name
+        if self._pinned and pinned_path(PINNED_FILES[COCA_PIN]).is_file():
+            return pinned_path(PINNED_FILES[COCA_PIN])
         from huggingface_hub import try_to_load_from_cache
 
         for name in COCA_FILES:
@@ -200,7 +207,14 @@ class CocaCaptioner(Expert):
                 return Path(cached)
         return None
 
+    @property
+    def _pinned(self) -> bool:
+        """Whether this model's download is sha256-pinned (only the default one is; others are never downloaded)."""
+        return (self.model_name, self.tag.lower()) == (COCA_MODEL, COCA_TAG.lower())
+
     def _may_download(self) -> bool:
+        if not self._pinned:
+            return False
         if self.allow_download is not None:
             return self.allow_download
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -212,7 +226,9 @@ class CocaCaptioner(Expert):
         return (
             f"Download https://huggingface.co/{repo}/resolve/main/{COCA_FILES[1]} (about 2.6 GB; "
             f"{COCA_FILES[0]} from the same repo works too) and put it at {target}, "
-            f"or point {COCA_ENV} at the file. Until then the offline ImageNet tagger stands in."
+            f"or point {COCA_ENV} at the file"
+            + (", or run `python -m llama_adapter.fetch coca-vit-l-14` while online" if self._pinned else "")
+            + ". Until then the offline ImageNet tagger stands in."
         )
 
     def availability(self) -> Availability:
@@ -242,9 +258,10 @@ class CocaCaptioner(Expert):
                     pretrained = None
                 else:
                     path = self.weights_path()
-                    pretrained = str(path) if path is not None else self.tag
                     if path is None:
-                        log.info("Downloading CoCa %s/%s (about 2.6 GB)", self.model_name, self.tag)
+                        log.info("Downloading CoCa %s/%s (about 2.6 GB, once)", self.model_name, self.tag)
+                        path = download_pinned(COCA_PIN)
+                    pretrained = str(path)
                 model, _, preprocess = open_clip.create_model_and_transforms(self.model_name, pretrained=pretrained)
                 self._model, self._preprocess = model.eval().to(_device()), preprocess
             return self._model, self._preprocess

@@ -200,6 +200,7 @@ def load(
     clip_weights: str | None = "openai",
     template: Template | None = None,
     limits: Limits | None = None,
+    force: bool = False,
 ) -> Pipeline:
     """Load a base model and (optionally) an adapter; return a :class:`Pipeline`.
 
@@ -213,7 +214,8 @@ def load(
     ``compile=True`` compiles the one-token decode step with ``torch.compile`` before returning:
     1.1-1.4× faster decoding on CPU (``benchmarks/generate.py``), for 1-3 minutes of compiling
     the first time on a small CPU and seconds afterwards (inductor's cache on disk); if it cannot
-    compile it warns and decodes eager.
+    compile it warns and decodes eager. An official adapter on a base configured unlike LLaMA-1 7B
+    (e.g. LLaMA-2) is refused; ``force=True`` loads it with a warning.
     """
     started = time.perf_counter()
     device = torch.device(device)
@@ -230,7 +232,7 @@ def load(
                 "were trained on LLaMA-7B)."
             )
     base_weights = load_base(base)
-    adapter_weights = load_adapter(adapter, base_weights.config) if adapter is not None else None
+    adapter_weights = load_adapter(adapter, base_weights.config, force=force) if adapter is not None else None
     pipe = build_pipeline(
         base_weights,
         adapter_weights,

@@ -4,9 +4,10 @@
 Each flag reads its default from an environment variable, so that a Hugging Face Space or a
 container is configured without a command line: ``LLAMA_ADAPTER_BASE``, ``LLAMA_ADAPTER_ADAPTER``,
 ``LLAMA_ADAPTER_DEVICE``, ``LLAMA_ADAPTER_DTYPE``, ``LLAMA_ADAPTER_QUANTIZE``,
-``LLAMA_ADAPTER_COMPILE``, ``LLAMA_ADAPTER_TEMPLATE``; servers add ``--host``/``--port``
-(``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` for the app, ``LLAMA_ADAPTER_HOST``/``_PORT`` for
-the API alone), ``--share`` (``GRADIO_SHARE``) and the image-source flags.
+``LLAMA_ADAPTER_COMPILE``, ``LLAMA_ADAPTER_FORCE``, ``LLAMA_ADAPTER_TEMPLATE``; servers add
+``--host``/``--port`` (``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` for the app,
+``LLAMA_ADAPTER_HOST``/``_PORT`` for the API alone), ``--share`` (``GRADIO_SHARE``) and the
+image-source flags.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def env_switch(name: str) -> bool:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, template: bool = True) -> None:
-    """``--base --adapter --device --dtype --quantize --compile`` (and ``--template``)."""
+    """``--base --adapter --device --dtype --quantize --compile --force`` (and ``--template``)."""
     group = parser.add_argument_group("model", "with no --base and no --adapter: the shipped demo model, offline")
     group.add_argument(
         "--base",
@@ -70,6 +71,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, template: bool = Tru
         default=env_switch("LLAMA_ADAPTER_COMPILE"),
         help="compile the decode step: faster answers after 1-3 min of compiling the first time, seconds once "
         "cached; servers compile in the background and answer meanwhile (env LLAMA_ADAPTER_COMPILE=1)",
+    )
+    group.add_argument(
+        "--force",
+        action="store_true",
+        default=env_switch("LLAMA_ADAPTER_FORCE"),
+        help="load an official adapter on a base unlike the LLaMA-1 7B it was trained on, with a warning "
+        "(env LLAMA_ADAPTER_FORCE=1)",
     )
     if template:
         group.add_argument(
@@ -130,6 +138,7 @@ def load_from_arguments(args: argparse.Namespace, **kwargs) -> Pipeline:
         "quantize": args.quantize,
         "compile": args.compile,
         "template": getattr(args, "template", None),
+        "force": args.force,
     }
     return load(args.base, args.adapter, **{**options, **kwargs})
 

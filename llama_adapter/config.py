@@ -12,6 +12,35 @@ LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 Wiring = Literal["official", "paper"]
 
+ROPE_SCALINGS = ("linear", "dynamic", "llama3")
+"""RoPE scaling types this library computes (transformers' ``rope_type`` names)."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How positions are stretched beyond the context a model was pre-trained on, with
+    transformers' meanings (``rope_parameters`` / ``rope_scaling`` in ``config.json``):
+
+    * ``linear``: every frequency divided by ``factor``.
+    * ``dynamic`` (NTK): the base grows with the length of the sequence being computed, once it
+      passes ``original_context``; within it the frequencies are the default ones.
+    * ``llama3`` (Llama 3.1, 3.2): low frequencies divided by ``factor``, high ones kept, the band
+      between (wavelengths from ``original_context / high_freq_factor`` to
+      ``original_context / low_freq_factor``) interpolated.
+    """
+
+    type: Literal["linear", "dynamic", "llama3"]
+    factor: float
+    original_context: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.type not in ROPE_SCALINGS:
+            raise ValueError(f"RoPE scaling {self.type!r} is not supported; supported: {', '.join(ROPE_SCALINGS)}")
+        if self.factor < 1:
+            raise ValueError(f"RoPE scaling factor must be at least 1, got {self.factor}")
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -28,8 +57,11 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     max_seq_len: int = 2048
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # from to_dict(), e.g. an adapter's metadata
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -48,6 +80,11 @@ class LlamaConfig:
     @classmethod
     def from_meta_params(cls, params: dict[str, Any], name: str = "meta", vocab_size: int | None = None) -> LlamaConfig:
         """Build from a Meta ``params.json`` (LLaMA 1/2/3 layout)."""
+        if params.get("use_scaled_rope"):
+            raise ValueError(
+                "params.json asks for Llama 3.1's scaled RoPE, whose constants Meta's folder does not record: "
+                "load the Hugging Face copy of this model (config.json + safetensors) instead"
+            )
         dim = params["dim"]
         vocab = params.get("vocab_size", -1)
         if vocab is None or vocab <= 0:
@@ -64,22 +101,34 @@ class LlamaConfig:
             hidden_dim=meta_ffn_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
             norm_eps=params.get("norm_eps", 1e-5),
             rope_theta=params.get("rope_theta", 10000.0),
-            max_seq_len=params.get("max_seq_len", 2048),
+            max_seq_len=params.get("max_seq_len") or meta_context(params),
         )
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], name: str = "hf") -> LlamaConfig:
-        """Build from a transformers ``config.json`` of a Llama model."""
+        """Build from a transformers ``config.json`` of a Llama model (Llama 1, 2, 3, 3.1, 3.2 and
+        the many models of that architecture). What this model would compute differently is refused."""
         if hf.get("model_type", "llama") != "llama":
             raise ValueError(f"Only Llama-architecture models are supported, got model_type={hf.get('model_type')!r}")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise ValueError(f"RoPE scaling {rope.get('rope_type')!r} is not supported")
-        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ValueError(f"{flag}=true (biases on the base's linear layers) is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (Llama uses silu)")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 (RoPE on part of each head) is not supported")
+        theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
         if head_dim * n_heads != hf["hidden_size"]:
             raise ValueError("head_dim * num_attention_heads != hidden_size is not supported")
+        context = hf.get("max_position_embeddings", 2048)
+        scaling = hf_rope_scaling(rope, context)
+        if scaling is not None and scaling.type in ("linear", "dynamic"):
+            # The config's context is the one the positions were trained on; the scaling exists to
+            # stretch it by ``factor`` (transformers itself sets no limit).
+            context = int(context * scaling.factor)
         return cls(
             name=name,
             vocab_size=hf["vocab_size"],
@@ -89,13 +138,45 @@ class LlamaConfig:
             n_kv_heads=hf.get("num_key_value_heads") or n_heads,
             hidden_dim=hf["intermediate_size"],
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
+            rope_theta=theta,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_seq_len=hf.get("max_position_embeddings", 2048),
+            max_seq_len=context,
+            rope_scaling=scaling,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def hf_rope_scaling(rope: dict[str, Any], max_position_embeddings: int) -> RopeScaling | None:
+    """transformers' RoPE parameters → :class:`RopeScaling` (``None`` for plain RoPE)."""
+    kind = rope.get("rope_type", rope.get("type")) or "default"
+    if kind == "default":
+        return None
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(
+            f"RoPE scaling {kind!r} is not supported (this library computes {', '.join(ROPE_SCALINGS)}); "
+            "its outputs would differ from the model's"
+        )
+    if kind == "dynamic":
+        original = max_position_embeddings  # what transformers' dynamic NTK measures lengths against
+    else:
+        original = rope.get("original_max_position_embeddings") or max_position_embeddings
+    return RopeScaling(
+        type=kind,
+        factor=float(rope["factor"]),
+        original_context=int(original),
+        low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+    )
+
+
+def meta_context(params: dict[str, Any]) -> int:
+    """The context of a Meta ``params.json``, which does not record it: LLaMA-1 (RMSNorm eps 1e-6)
+    was trained on 2,048 tokens, Llama 3 (vocabulary 128,256) on 8,192, Llama 2 on 4,096."""
+    if params.get("norm_eps", 1e-5) <= 1e-6:
+        return 2048
+    return 8192 if params.get("vocab_size") == 128256 else 4096
 
 
 def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
@@ -130,6 +211,9 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
         # follow Meta's rule with multiple_of=32, so the same shapes can be written as params.json.
         LlamaConfig("tiny", 320, 64, 4, 4, 2, 192, max_seq_len=256),
         LlamaConfig("tiny-tied", 320, 48, 3, 4, 4, 128, tie_embeddings=True, max_seq_len=256),
+        # LLaMA-1's config (RMSNorm eps 1e-6, context 2,048) at tiny size, with tiny's shapes: a base that
+        # official-format adapters, trained on LLaMA-1, accept.
+        LlamaConfig("tiny-llama1", 320, 64, 4, 4, 2, 192, norm_eps=1e-6, max_seq_len=2048),
     )
 }
 TINY_BASES = tuple(name for name in LLAMA_PRESETS if name.startswith("tiny"))

