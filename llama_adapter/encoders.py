@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +23,10 @@ CLIP_WEIGHTS_HELP = (
     "`python -m llama_adapter.fetch clip-vit-l-14` fetches them ahead, e.g. for an offline machine. Or pass "
     "an open_clip checkpoint file as clip_weights=..., or set LLAMA_ADAPTER_CLIP_WEIGHTS."
 )
+
+
+CLIP_ARCH = "ViT-L-14"
+"""open_clip's name of the official adapters' image encoder."""
 
 
 class EfficientNetLite0Encoder(nn.Module):
@@ -70,7 +75,7 @@ def load_clip_visual(weights: str | None) -> nn.Module:
 
     local = weights if weights not in (None, "openai") else None
     try:
-        model = open_clip.create_model("ViT-L-14", pretrained=local, force_quick_gelu=True)
+        model = open_clip.create_model(CLIP_ARCH, pretrained=local, force_quick_gelu=True)
     except Exception as e:  # open_clip raises several kinds for a bad file
         raise CheckpointError(f"Could not load CLIP ViT-L/14 weights from {local} ({e}). {CLIP_WEIGHTS_HELP}") from e
     visual = model.visual
@@ -101,7 +106,9 @@ def openai_clip_visual_tensors(archive: Path) -> dict[str, torch.Tensor]:
     """The ``visual.*`` tensors of an OpenAI CLIP file, a TorchScript archive (which
     ``torch.load(weights_only=True)`` cannot read). Only called on a file whose sha256 matched
     OpenAI's published one; its tensors are kept as safetensors, so it is read once."""
-    state = torch.jit.load(str(archive), map_location="cpu").state_dict()
+    with warnings.catch_warnings():  # deprecated, and still the only reader of these archives
+        warnings.simplefilter("ignore", FutureWarning)
+        state = torch.jit.load(str(archive), map_location="cpu").state_dict()
     return {k.removeprefix("visual."): v.contiguous() for k, v in state.items() if k.startswith("visual.")}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import json
@@ -355,3 +356,34 @@ def test_download_checks_sha256_and_resumes(tmp_path, file_server):
     assert not target.exists() and 0 < part.stat().st_size < len(body)
     weights.download(f"{file_server}/a.pth", target, sha256=good)  # resumes from the .part file
     assert target.read_bytes() == body and not part.exists()
+
+
+def test_official_adapter_on_llama2s_config_is_refused_naming_the_mismatch(tiny_spm, tmp_path):
+    """LLaMA-2 7B has LLaMA-1's shapes (so every key check passes) but RMSNorm eps 1e-5 and a
+    4,096 context: BIAS-7B, trained on LLaMA-1, is stopped before it loads, or loads with a
+    warning when forced."""
+    path = write_official(tmp_path / "tiny-BIAS.pth", official_tensors(lora=False), False)
+    llama2 = dataclasses.replace(TINY_LLAMA1, name="llama-2-tiny", norm_eps=1e-5, max_seq_len=4096)
+    sentence = (
+        r"Adapter tiny-BIAS\.pth was trained on LLaMA-1 7B, but the base 'llama-2-tiny' has RMSNorm eps 1e-05 "
+        r"\(trained with 1e-06\) and a 4,096-token context \(trained with 2,048\) — that is LLaMA-2's config: "
+        r".*Load LLaMA-1 7B .* or pass force=True \(--force on the command line\)"
+    )
+    with pytest.raises(CheckpointError, match=sentence):
+        load_adapter(path, llama2)
+    with pytest.warns(UserWarning, match="LLaMA-2's config"):
+        assert load_adapter(path, llama2, force=True).config.wiring == "official"
+    assert load_adapter(path, TINY_LLAMA1).config.wiring == "official"  # LLaMA-1's config: no question
+
+    # Through load() and the chat CLI, with a base folder holding LLaMA-2's config.json values.
+    base = write_hf_dir(random_hf_model("tiny-llama1"), tmp_path / "llama-2-hf", tiny_spm)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096}))
+    with pytest.raises(CheckpointError, match="that is LLaMA-2's config"):
+        llama_adapter.load(base=base, adapter=path, clip_weights=None)
+    from llama_adapter.chat import main as chat
+
+    assert chat(["--base", str(base), "--adapter", str(path), "--prompt", "Hi", "--max-new-tokens", "1"]) == 2
+    with pytest.warns(UserWarning, match="LLaMA-2's config"):
+        pipe = llama_adapter.load(base=base, adapter=path, clip_weights=None, force=True)
+    assert pipe.model.config.norm_eps == 1e-5  # forced: the base stays as it is
