@@ -317,3 +317,23 @@ def test_compiled_decoding_equals_eager_from_one_graph(wiring, fresh_compiler):
     assert counters["stats"]["unique_graphs"] - before == 1
     for c, e in zip(compiled, eager):
         assert torch.allclose(c, e, atol=1e-4, rtol=0)
+
+
+def test_7b_table_rows_match_counts_by_hand():
+    """The README's LoRA and paper rows, each group summed from the layer shapes by hand."""
+    cfg = LlamaConfig.from_name("llama-7b")
+    d, h, n, heads, p, v = cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, 10, 768
+    linears_in_out = [(d, d)] * 4 + [(d, h), (h, d), (d, h)]  # wq wk wv wo, w1 w2 w3
+    with torch.device("meta"):  # shapes only: no memory for 7B weights
+        official = count_parameters(LlamaAdapter(cfg, AdapterConfig.official(cfg)))
+        lora = count_parameters(LlamaAdapter(cfg, AdapterConfig.official(cfg, lora_rank=16)))
+        paper = count_parameters(LlamaAdapter(cfg, AdapterConfig.paper(cfg)))
+    assert lora["pretrain"] == official["pretrain"] + n == 61_731_616  # + one new_gate per layer
+    assert lora["finetune"] == official["finetune"] + n * sum(16 * (i + o) for i, o in linears_in_out) == 41_340_928
+
+    block = 2 * 2 * v + (v * 3 * v + 3 * v) + (v * v + v) + (v * 4 * v + 4 * v) + (4 * v * v + v)
+    visual = (v * v + v) + 2 * v + p * v + 8 * block + (v * d + d) + 2 * d
+    assert paper["pretrain"] == visual + heads == 60_460_832  # + the gate of the one fusion layer
+    per_layer = sum(o for _, o in linears_in_out) + sum(i for i, _ in linears_in_out) + 2 * d  # bias, scale, norms
+    finetune = (n - 1) * p * d + (n - 1) * heads + n * per_layer + d
+    assert paper["finetune"] == finetune == 4_035_552
