@@ -28,7 +28,7 @@ def meta_bases(tiny_spm, tmp_path_factory):
     """The same tiny LLaMA in Meta's layout twice: float16 tensors (as Meta ships LLaMA-7B), and
     the same values in float32."""
     root = tmp_path_factory.mktemp("meta")
-    half = random_hf_model("tiny").half()
+    half = random_hf_model("tiny-llama1").half()  # LLaMA-1's config: what the official adapters accept
     write_meta_dir(half, root / "fp16" / "7B", tiny_spm)
     write_meta_dir(half.float(), root / "fp32" / "7B", tiny_spm)
     shard = torch.load(root / "fp16" / "7B" / "consolidated.00.pth", weights_only=True)
