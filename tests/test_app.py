@@ -339,7 +339,7 @@ def test_main_loads_once_and_launches(monkeypatch, served):
     limits = Limits(max_new_tokens=app.MAX_NEW_TOKENS)
     # --compile: the app serves at once, eager, and compiles in the background
     expected = {"device": "cpu", "dtype": None, "quantize": "int8", "compile": False, "template": None}
-    expected["limits"] = limits
+    expected |= {"force": False, "limits": limits}
     assert loads == [((None, "mine.safetensors"), expected)] and compiles == [served.pipe.engine]
     [(demo, kwargs)] = launches
     api = kwargs.pop("api")
