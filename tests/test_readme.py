@@ -8,8 +8,11 @@ so a new command has to be looked at."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -37,6 +40,10 @@ SKIP = {
     "configs/llama7b-joint.yaml": "needs 8 GPUs and LLaMA-7B",
     "python -m train.recipes.demo": "rebuilds the shipped model: about 70 minutes on 2 cores",
     "python -m train.recipes.demo --ablations": "four training runs: hours on 2 cores",
+    "python -m train joint --config configs/tiny-cpu.yaml --base path/to/llama": (
+        "path/to/llama stands for the user's model; tests/test_train_trainer.py::"
+        "test_cli_trains_on_a_hugging_face_llama_folder runs --base with a Llama folder"
+    ),
     "python -m train.recipes.demo --quick": (
         "minutes; tests/test_demo_model.py::test_the_quick_recipe_trains_and_its_loss_falls runs the same entry point"
     ),
@@ -58,12 +65,17 @@ LONGER_S = {  # compiling cold takes 3 min on 2 idle cores (over 10 on a busy ma
     "python -m llama_adapter.chat --quantize int8 --compile": 1200,
     "python -m train joint --config configs/tiny-cpu.yaml": 900,
     "torchrun --nproc_per_node 2 -m train joint --config configs/tiny-cpu.yaml": 900,
+    "accelerate launch --config_file configs/accelerate/fsdp-cpu-2proc.yaml -m train joint --config "
+    "configs/tiny-cpu.yaml": 900,
 }
+
+APP_CLIENTS = "curl http://127.0.0.1:7860/"
+"""Commands that talk to a running ``python app.py``: run against one the test starts."""
 
 
 def readme_commands() -> list[tuple[str, str]]:
-    """(section, command) for every line of every ``bash`` block, continuations joined and
-    trailing comments dropped."""
+    """(section, command) for every command of every ``bash`` block: lines joined across ``\\``
+    continuations and open quotes, trailing comments dropped, whitespace collapsed."""
     commands, section, block, pending = [], "", False, ""
     for line in (ROOT / "README.md").read_text().splitlines():
         if line.startswith("## "):
@@ -76,11 +88,29 @@ def readme_commands() -> list[tuple[str, str]]:
         if line.endswith("\\"):
             pending += line[:-1]
             continue
-        command = " ".join(re.sub(r"\s+#\s.*$", "", pending + line).split())
+        pending += line
+        try:
+            shlex.split(pending, comments=True)
+        except ValueError:  # a quote still open: the command goes on on the next line
+            pending += "\n"
+            continue
+        command = " ".join(without_comment(pending).split())
         pending = ""
         if command:
             commands.append((section, command))
     return commands
+
+
+def without_comment(command: str) -> str:
+    """``command`` without a trailing ``# comment`` (a ``#`` after whitespace, outside quotes)."""
+    for match in re.finditer(r"\s#", command):
+        head = command[: match.start()]
+        try:
+            shlex.split(head)
+        except ValueError:
+            continue
+        return head
+    return command
 
 
 COMMANDS = readme_commands()
@@ -108,8 +138,10 @@ def environment(clone: Path) -> dict[str, str]:
     return env
 
 
-def serve_and_probe(command: str, clone: Path, env: dict[str, str], limit_s: float) -> None:
-    """Start a server command, wait for HTTP 200 on its port, then stop it (and its children)."""
+@contextlib.contextmanager
+def serving(command: str, clone: Path, env: dict[str, str], limit_s: float):
+    """Start a server command, wait for HTTP 200 on its port, yield the port, then stop it (and
+    its children)."""
     port = free_port()
     command = command.replace("--port 7860", f"--port {port}")
     env = {**env, "GRADIO_SERVER_PORT": str(port)}
@@ -120,16 +152,12 @@ def serve_and_probe(command: str, clone: Path, env: dict[str, str], limit_s: flo
         )
     try:
         deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
+        while not answers(port):
             assert proc.poll() is None, f"{command} exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"{command} served nothing on port {port} within {limit_s} s:\n{log.read_text()[-3000:]}")
             time.sleep(2)
-        pytest.fail(f"{command} served nothing on port {port} within {limit_s} s:\n{log.read_text()[-3000:]}")
+        yield port
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -139,19 +167,18 @@ def serve_and_probe(command: str, clone: Path, env: dict[str, str], limit_s: flo
             proc.wait()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("section", "command"), COMMANDS, ids=[f"{s}: {c}"[:90] for s, c in COMMANDS])
-def test_readme_command_runs_on_a_fresh_clone(section, command, clone):
-    if command in SKIP:
-        pytest.skip(SKIP[command])
-    run = INSTEAD.get(command, (command, ""))[0]
-    limit_s = LONGER_S.get(command, LIMIT_S)
-    env = environment(clone)
-    if "app.py" in run:
-        serve_and_probe(run, clone, env, limit_s)
-        return
+def answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def run(section: str, command: str, clone: Path, env: dict[str, str], limit_s: float, stdin: str = "") -> str:
+    """Run ``command`` to its end within ``limit_s``; returns its output, fails on a non-zero exit."""
     proc = subprocess.Popen(
-        ["bash", "-c", run],
+        ["bash", "-c", command],
         cwd=clone,
         env=env,
         stdin=subprocess.PIPE,
@@ -161,12 +188,33 @@ def test_readme_command_runs_on_a_fresh_clone(section, command, clone):
         start_new_session=True,  # so that a command past its limit is stopped with all its children
     )
     try:
-        _, stderr = proc.communicate(STDIN.get(command, ""), timeout=limit_s)
+        stdout, stderr = proc.communicate(stdin, timeout=limit_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         pytest.fail(f"[{section}] {command} ran past its {limit_s} s limit")
     assert proc.returncode == 0, f"[{section}] {command} failed ({proc.returncode}):\n{stderr[-3000:]}"
+    return stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("section", "command"), COMMANDS, ids=[f"{s}: {c}"[:90] for s, c in COMMANDS])
+def test_readme_command_runs_on_a_fresh_clone(section, command, clone):
+    if command in SKIP:
+        pytest.skip(SKIP[command])
+    to_run = INSTEAD.get(command, (command, ""))[0]
+    limit_s = LONGER_S.get(command, LIMIT_S)
+    env = environment(clone)
+    if command.startswith(APP_CLIENTS):
+        with serving("python app.py", clone, env, limit_s) as port:
+            out = run(section, to_run.replace(":7860/", f":{port}/"), clone, env, limit_s)
+        reply = json.loads(out)
+        assert reply.get("choices") and "error" not in reply, out[:3000]
+    elif "app.py" in to_run:
+        with serving(to_run, clone, env, limit_s):
+            pass
+    else:
+        run(section, to_run, clone, env, limit_s, STDIN.get(command, ""))
 
 
 def test_every_skipped_or_replaced_command_is_still_in_the_readme():
