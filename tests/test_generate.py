@@ -47,12 +47,17 @@ def test_chat_turn_two_prefills_only_new_tokens(smol):
     assert first and second
 
 
-def test_compiled_chat_cli_answers_as_eager(tiny_pipe, capsys):
-    """``python -m llama_adapter.chat --compile``: the decode step compiled at load, the same answer."""
-    expected = tiny_pipe.chat().ask("Name three colours.", max_new_tokens=60)
-    argv = ["--base", tiny_pipe.info["base"], "--compile", "--prompt", "Name three colours.", "--max-new-tokens", "60"]
-    assert llama_adapter.chat.main(argv) == 0
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_chat_cli_answers_as_eager(tiny_pipe, quantize, capsys, caplog):
+    """``python -m llama_adapter.chat [--quantize int8] --compile``: the decode step compiled at
+    load (no fall-back to eager), the same answer as eager decoding of the same weights."""
+    base = tiny_pipe.info["base"]
+    eager = llama_adapter.load(base, quantize=quantize) if quantize else tiny_pipe
+    expected = eager.chat().ask("Name three colours.", max_new_tokens=60)
+    argv = ["--base", base, "--compile", "--prompt", "Name three colours.", "--max-new-tokens", "60"]
+    assert llama_adapter.chat.main(argv + (["--quantize", quantize] if quantize else [])) == 0
     assert capsys.readouterr().out == expected + "\n"
+    assert "decoding stays eager" not in caplog.text
 
 
 def test_compile_that_cannot_happen_keeps_decoding_eager(tiny_pipe, monkeypatch, caplog):
