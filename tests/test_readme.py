@@ -1,10 +1,12 @@
-"""The README's shell commands run as written on a fresh clone, so they cannot drift.
+"""The README's shell commands run on a fresh clone, so they cannot drift.
 
-Every command of every ``bash`` block in README.md is run, in order, in a ``git clone`` of this
-repository (its committed state) that reuses this checkout's environment, each with a time limit;
-``python app.py`` commands are started, probed for HTTP 200 and stopped. A command the test cannot
-run here is in ``SKIP`` with the reason; a README command that is neither run nor skipped fails,
-so a new command has to be looked at."""
+Every command of every ``bash`` block in README.md is run, in order, in one ``git clone`` of this
+repository (its committed state) that reuses this checkout's environment, each with a time limit.
+``python app.py`` is started once and probed for HTTP 200, and the README's client talks to it;
+other ``app.py`` commands are started, probed and stopped. A command too costly or impossible here
+is in ``SKIP``, or in ``INSTEAD`` with the cheaper form that runs (fewer steps or tokens, no
+compile); either way with the reason and the tests that cover the rest, which must exist. A README
+command that is neither run nor listed as such fails, so a new command has to be looked at."""
 
 from __future__ import annotations
 
@@ -18,59 +20,113 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+SELF = ".venv/bin/python -m pytest"
+"""The test suite this test is part of."""
+
 SKIP = {
-    ".venv/bin/python -m pytest": "the test suite this test is part of",
     "python app.py --base /path/to/llama_dir --adapter BIAS-7B --device cuda --share": (
-        "needs Meta's LLaMA-7B weights (not distributable), a GPU, and network for BIAS-7B, CLIP and the share link"
+        "needs Meta's LLaMA-7B weights (not distributable), a GPU, and network for BIAS-7B, CLIP and the share "
+        "link; tests/test_weights.py::test_official_adapter_end_to_end_with_bgr loads an official adapter on a "
+        "Meta-layout folder, tests/test_app.py::test_main_loads_once_and_launches passes the flags to load"
     ),
     "python -m llama_adapter.chat --base /path/to/llama_dir --adapter BIAS-7B --image photo.jpg --device cuda": (
-        "needs Meta's LLaMA-7B weights, a GPU and network for BIAS-7B and CLIP"
+        "needs Meta's LLaMA-7B weights, a GPU and network for BIAS-7B and CLIP; "
+        "tests/test_weights.py::test_official_adapter_end_to_end_with_bgr answers about an image with an official "
+        "adapter on a Meta-layout folder"
     ),
     "python -m llama_adapter.fetch BIAS-7B clip-vit-l-14": (
-        "downloads 1.1 GB from GitHub and OpenAI (tests/test_downloads.py checks the pinned downloads against a "
-        "local server)"
+        "downloads 1.1 GB from GitHub and OpenAI; tests/test_downloads.py::"
+        "test_published_hash_is_checked_and_mirrors_are_tried_in_order and tests/test_downloads.py::"
+        "test_fetch_readies_an_offline_machine fetch pinned files from a local server"
     ),
-    "accelerate launch --config_file configs/accelerate/fsdp-8gpu.yaml -m train joint --config "
-    "configs/llama7b-joint.yaml": "needs 8 GPUs and LLaMA-7B",
-    "python -m train.recipes.demo": "rebuilds the shipped model: about 70 minutes on 2 cores",
-    "python -m train.recipes.demo --ablations": "four training runs: hours on 2 cores",
     "python -m train joint --config configs/tiny-cpu.yaml --base path/to/llama": (
         "path/to/llama stands for the user's model; tests/test_train_trainer.py::"
         "test_cli_trains_on_a_hugging_face_llama_folder runs --base with a Llama folder"
     ),
+    "python -m train.recipes.demo": (
+        "rebuilds the shipped model: about 70 minutes on 2 cores; tests/test_demo_model.py::"
+        "test_the_quick_recipe_trains_and_its_loss_falls runs the same entry point on a subset"
+    ),
     "python -m train.recipes.demo --quick": (
         "minutes; tests/test_demo_model.py::test_the_quick_recipe_trains_and_its_loss_falls runs the same entry point"
     ),
+    "python -m train.recipes.demo --ablations": (
+        "four training runs: hours on 2 cores; tests/test_demo_model.py::"
+        "test_the_quick_recipe_trains_and_its_loss_falls runs its data and training code (no test runs the "
+        "ablation loop itself)"
+    ),
 }
+"""README commands not run here, each with why and the test that covers what it does."""
+
+DEMO_APP = "python app.py"
+"""Started once in the clone; the README commands that serve the demo or talk to it use that one."""
+
+DEMO_CLIENT = "curl http://127.0.0.1:7860/"
+"""Commands that start so talk to the demo: run against the one started here."""
 
 INSTEAD = {
     "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && .venv/bin/python app.py": (
-        ".venv/bin/pip install -r requirements.txt && .venv/bin/python app.py",
-        "the clone reuses this checkout's environment as .venv instead of creating one",
+        ".venv/bin/pip install -r requirements.txt",
+        "the clone reuses this checkout's environment as .venv instead of creating one, and its "
+        "`.venv/bin/python app.py` is the demo server (`python` is .venv/bin/python on the clone's PATH); "
+        "tests/test_app.py::test_python_app_py_serves_the_default_model_offline starts app.py too",
+    ),
+    "python app.py --quantize int8 --compile --host 0.0.0.0 --port 7860": (
+        "python app.py --quantize int8 --host 0.0.0.0 --port 7860",
+        "served without --compile (a cold compile of the demo model takes 3 to 10+ minutes on 2 cores); "
+        "tests/test_app.py::test_main_loads_once_and_launches passes --compile to load, "
+        "tests/test_generate.py::test_compiled_chat_cli_answers_as_eager compiles an int8 model through the CLI",
+    ),
+    "python -m llama_adapter.chat --quantize int8 --compile": (
+        "python -m llama_adapter.chat --quantize int8",
+        "run without --compile (a cold compile of the demo model takes 3 to 10+ minutes on 2 cores); "
+        "tests/test_generate.py::test_compiled_chat_cli_answers_as_eager runs --quantize int8 --compile",
+    ),
+    'python -m llama_adapter.chat --base smollm2-135m --prompt "Name three colours."': (
+        'python -m llama_adapter.chat --base smollm2-135m --prompt "Name three colours." --max-new-tokens 8',
+        "8 tokens (the whole answer takes 1 to 2 minutes on 2 busy cores); "
+        "tests/test_generate.py::test_sensible_answer checks a longer answer to the same question",
+    ),
+    "python -m train joint --config configs/tiny-cpu.yaml": (
+        "python -m train joint --config configs/tiny-cpu.yaml --max-steps 2",
+        "2 of its 57 steps (the adapter is written all the same, for the evaluation command); "
+        "tests/test_train_trainer.py::test_overfits_eight_samples_and_base_stays_bit_identical trains to the end",
+    ),
+    "torchrun --nproc_per_node 2 -m train joint --config configs/tiny-cpu.yaml": (
+        "torchrun --nproc_per_node 2 -m train joint --config configs/tiny-cpu.yaml --max-steps 2",
+        "2 steps; tests/test_train_distributed.py::test_two_process_ddp_matches_one_process checks a whole 2-process "
+        "DDP run against one process",
+    ),
+    "accelerate launch --config_file configs/accelerate/fsdp-cpu-2proc.yaml -m train joint --config "
+    "configs/tiny-cpu.yaml": (
+        "accelerate launch --config_file configs/accelerate/fsdp-cpu-2proc.yaml -m train joint --config "
+        "configs/tiny-cpu.yaml --max-steps 2",
+        "2 steps; tests/test_train_distributed.py::test_fsdp_matches_ddp_and_resumes_bit_identical checks a whole "
+        "FSDP run with these settings against DDP",
+    ),
+    "accelerate launch --config_file configs/accelerate/fsdp-8gpu.yaml -m train joint --config "
+    "configs/llama7b-joint.yaml": (
+        "python -m train joint --config configs/llama7b-joint.yaml --print-config",
+        "needs 8 GPUs and LLaMA-7B: only its training config is resolved here; tests/test_train_distributed.py::"
+        "test_fsdp_matches_ddp_and_resumes_bit_identical runs fsdp-8gpu.yaml's FSDP2 settings on 2 CPU processes",
     ),
 }
+"""README commands run in a cheaper or runnable form: (what runs, why, and the test that covers the rest)."""
 
 STDIN = {"python -m llama_adapter.chat --quantize int8 --compile": "Name a colour.\n/exit\n"}
 """Interactive commands and what is typed into them."""
 
 LIMIT_S = 300
-LONGER_S = {  # compiling cold takes 3 min on 2 idle cores (over 10 on a busy machine); training a few CPU-minutes
-    "python app.py --quantize int8 --compile --host 0.0.0.0 --port 7860": 1200,
-    "python -m llama_adapter.chat --quantize int8 --compile": 1200,
-    "python -m train joint --config configs/tiny-cpu.yaml": 900,
-    "torchrun --nproc_per_node 2 -m train joint --config configs/tiny-cpu.yaml": 900,
-    "accelerate launch --config_file configs/accelerate/fsdp-cpu-2proc.yaml -m train joint --config "
-    "configs/tiny-cpu.yaml": 900,
-}
+"""Each command's time limit: a hang fails the test rather than CI's overall timeout."""
 
-APP_CLIENTS = "curl http://127.0.0.1:7860/"
-"""Commands that talk to a running ``python app.py``: run against one the test starts."""
+TEST_NAME = re.compile(r"tests/(test_\w+\.py)::(test_\w+)")
 
 
 def readme_commands() -> list[tuple[str, str]]:
@@ -197,26 +253,46 @@ def run(section: str, command: str, clone: Path, env: dict[str, str], limit_s: f
     return stdout
 
 
+@pytest.fixture(scope="module")
+def demo_app(clone) -> Iterator[int]:
+    """The port of ``python app.py`` started once in the clone."""
+    with serving(DEMO_APP, clone, environment(clone), LIMIT_S) as port:
+        yield port
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("section", "command"), COMMANDS, ids=[f"{s}: {c}"[:90] for s, c in COMMANDS])
-def test_readme_command_runs_on_a_fresh_clone(section, command, clone):
+def test_readme_command_runs_on_a_fresh_clone(section, command, clone, request):
+    if command == SELF:
+        pytest.skip("the test suite this test is part of")
     if command in SKIP:
         pytest.skip(SKIP[command])
     to_run = INSTEAD.get(command, (command, ""))[0]
-    limit_s = LONGER_S.get(command, LIMIT_S)
     env = environment(clone)
-    if command.startswith(APP_CLIENTS):
-        with serving("python app.py", clone, env, limit_s) as port:
-            out = run(section, to_run.replace(":7860/", f":{port}/"), clone, env, limit_s)
-        reply = json.loads(out)
-        assert reply.get("choices") and "error" not in reply, out[:3000]
+    if command == DEMO_APP:
+        assert answers(request.getfixturevalue("demo_app"))
+    elif command.startswith(DEMO_CLIENT):
+        port = request.getfixturevalue("demo_app")
+        reply = json.loads(run(section, to_run.replace(":7860/", f":{port}/"), clone, env, LIMIT_S))
+        assert reply.get("choices") and "error" not in reply, reply
     elif "app.py" in to_run:
-        with serving(to_run, clone, env, limit_s):
+        with serving(to_run, clone, env, LIMIT_S):
             pass
     else:
-        run(section, to_run, clone, env, limit_s, STDIN.get(command, ""))
+        run(section, to_run, clone, env, LIMIT_S, STDIN.get(command, ""))
+    if command.endswith(f"&& .venv/bin/{DEMO_APP}"):  # the set-up line, which ends by serving the demo
+        assert answers(request.getfixturevalue("demo_app"))
 
 
 def test_every_skipped_or_replaced_command_is_still_in_the_readme():
     commands = {c for _, c in COMMANDS}
-    assert not (set(SKIP) | set(INSTEAD) | set(STDIN) | set(LONGER_S)) - commands
+    assert not ({SELF} | set(SKIP) | set(INSTEAD) | set(STDIN)) - commands
+
+
+def test_every_skipped_or_replaced_command_names_the_tests_that_cover_it():
+    for command, reason in [*SKIP.items(), *((c, why) for c, (_, why) in INSTEAD.items())]:
+        named = TEST_NAME.findall(reason)
+        assert named, f"{command!r}: its reason names no tests/test_*.py::test_* that covers it"
+        for file, name in named:
+            path = ROOT / "tests" / file
+            assert path.is_file() and f"def {name}(" in path.read_text(), f"{command!r}: no {file}::{name}"
