@@ -24,6 +24,7 @@ ENVIRONMENT = {
     "LLAMA_ADAPTER_DTYPE": "bf16",
     "LLAMA_ADAPTER_QUANTIZE": "int8",
     "LLAMA_ADAPTER_COMPILE": "1",
+    "LLAMA_ADAPTER_FORCE": "1",
 }
 FROM_ENVIRONMENT = {
     "base": "/models/llama-2-7b",
@@ -32,6 +33,7 @@ FROM_ENVIRONMENT = {
     "dtype": "bf16",
     "quantize": "int8",
     "compile": True,
+    "force": True,
 }
 PARSERS = {
     "app": lambda argv: app.parse_args(argv),
@@ -66,6 +68,7 @@ def test_model_flags_default_to_the_environment_and_the_command_line_wins(comman
         "dtype": None,
         "quantize": None,
         "compile": False,
+        "force": False,
     }
     for name, value in ENVIRONMENT.items():
         clean_environment.setenv(name, value)
@@ -92,9 +95,10 @@ def test_a_misspelt_environment_value_stops_every_command_before_loading(
 def test_the_flags_reach_load_unchanged(clean_environment):
     calls = []
     clean_environment.setattr(llama_adapter.cli, "load", lambda *a, **k: calls.append((a, k)))
-    args = chat.build_parser().parse_args(["--base", "b", "--adapter", "a", "--template", "alpaca", "--compile"])
-    llama_adapter.cli.load_from_arguments(args, limits="L")
-    expected = {"device": "cpu", "dtype": None, "quantize": None, "compile": True, "template": "alpaca", "limits": "L"}
+    argv = ["--base", "b", "--adapter", "a", "--template", "alpaca", "--compile", "--force"]
+    llama_adapter.cli.load_from_arguments(chat.build_parser().parse_args(argv), limits="L")
+    expected = {"device": "cpu", "dtype": None, "quantize": None, "compile": True, "template": "alpaca"}
+    expected |= {"force": True, "limits": "L"}
     assert calls == [(("b", "a"), expected)]
 
 
