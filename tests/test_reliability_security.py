@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import re
 from pathlib import Path
 
 import gradio as gr
@@ -103,10 +104,22 @@ def unsafe_calls(path: Path, root: Path = ROOT) -> list[str]:
     return found
 
 
+# Each exception names the one call and why it is bounded.
+VETTED = {
+    # OpenAI's CLIP ViT-L/14 file is a TorchScript archive, which no weights-only reader opens. It is
+    # read once, only after its sha256 matched OpenAI's published hash (download_pinned), and its
+    # tensors are kept as safetensors.
+    "llama_adapter/encoders.py: torch.jit.load()",
+}
+
+
 def test_no_code_path_deserialises_unsafely():
     files = python_files()
     assert len(files) > 40 and ROOT / "app.py" in files
-    assert [problem for path in files for problem in unsafe_calls(path)] == []
+    found = [problem for path in files for problem in unsafe_calls(path)]
+    vetted = [p for p in found if re.sub(r":\d+:", ":", p).split(": can build")[0] in VETTED]
+    assert [p for p in found if p not in vetted] == []
+    assert len(vetted) == len(VETTED), "a vetted call is gone: drop it from VETTED"
 
 
 def test_the_scan_finds_what_it_looks_for(tmp_path):
