@@ -80,7 +80,8 @@ INSTEAD = {
     ),
     "python app.py --quantize int8 --compile --host 0.0.0.0 --port 7860": (
         "python app.py --quantize int8 --host 0.0.0.0 --port 7860",
-        "served without --compile (a cold compile of the demo model takes 3 to 10+ minutes on 2 cores); "
+        "served without --compile (the app answers while it compiles, but a cold compile keeps 2 cores busy for "
+        "3 to 10+ minutes); "
         "tests/test_app.py::test_main_loads_once_and_launches passes --compile to load, "
         "tests/test_generate.py::test_compiled_chat_cli_answers_as_eager compiles an int8 model through the CLI",
     ),
@@ -118,6 +119,17 @@ INSTEAD = {
         "test_fsdp_matches_ddp_and_resumes_bit_identical runs fsdp-8gpu.yaml's FSDP2 settings on 2 CPU processes",
     ),
 }
+EASY_VQA_TEST = (
+    "--data \"$(python -c 'import easy_vqa, os; print(os.path.dirname(easy_vqa.__file__))')/data/test/questions.json\""
+)
+EVALUATE_DEMO = "python -m train.evaluate vqa --adapter assets/demo-adapter.safetensors --per-kind"
+for blind in ("", " --no-image"):
+    INSTEAD[f"{EVALUATE_DEMO} 25{blind} {EASY_VQA_TEST}"] = (
+        f"{EVALUATE_DEMO} 1{blind} {EASY_VQA_TEST}",
+        "one question of each kind (100 take 5 to 10 minutes on 2 cores); tests/test_train_evaluate.py::"
+        "test_free_form_replies_are_judged_from_their_words and tests/test_train_evaluate.py::"
+        "test_a_per_kind_sample_holds_as_many_yes_as_no check the judging and the sample",
+    )
 """README commands run in a cheaper or runnable form: (what runs, why, and the test that covers the rest)."""
 
 STDIN = {"python -m llama_adapter.chat --quantize int8 --compile": "Name a colour.\n/exit\n"}
