@@ -33,13 +33,14 @@ SELF = ".venv/bin/python -m pytest"
 SKIP = {
     "python app.py --base /path/to/llama_dir --adapter BIAS-7B --device cuda --share": (
         "needs Meta's LLaMA-7B weights (not distributable), a GPU, and network for BIAS-7B, CLIP and the share "
-        "link; tests/test_weights.py::test_official_adapter_end_to_end_with_bgr loads an official adapter on a "
-        "Meta-layout folder, tests/test_app.py::test_main_loads_once_and_launches passes the flags to load"
+        "link; tests/test_weights.py::test_official_adapter_end_to_end_with_bgr_computes_the_released_forward "
+        "loads an official adapter on a Meta-layout folder, tests/test_app.py::test_main_loads_once_and_launches "
+        "passes the flags to load"
     ),
     "python -m llama_adapter.chat --base /path/to/llama_dir --adapter BIAS-7B --image photo.jpg --device cuda": (
         "needs Meta's LLaMA-7B weights, a GPU and network for BIAS-7B and CLIP; "
-        "tests/test_weights.py::test_official_adapter_end_to_end_with_bgr answers about an image with an official "
-        "adapter on a Meta-layout folder"
+        "tests/test_weights.py::test_official_adapter_end_to_end_with_bgr_computes_the_released_forward answers "
+        "about an image with an official adapter on a Meta-layout folder"
     ),
     "python -m llama_adapter.fetch BIAS-7B clip-vit-l-14": (
         "downloads 1.1 GB from GitHub and OpenAI; tests/test_downloads.py::"
