@@ -32,7 +32,7 @@ from .base import (
 from .caption import AdapterCaptioner, CocaCaptioner, ImageNetTagger
 from .ocr import ENGINES, OcrExpert, TextBox, reading_order
 from .prompt import BuiltPrompt, build_prompt
-from .session import Description, ImageChat, describe
+from .session import Description, MultimodalChat, Turn, describe
 
 
 def __getattr__(name: str) -> Any:
@@ -60,11 +60,12 @@ __all__ = [
     "ExpertCache",
     "ExpertReport",
     "ExpertResult",
-    "ImageChat",
+    "MultimodalChat",
     "ImageNetTagger",
     "OcrExpert",
     "Registry",
     "TextBox",
+    "Turn",
     "Variant",
     "build_prompt",
     "compare",

@@ -1,7 +1,8 @@
 """Chat from the terminal, streaming: ``python -m llama_adapter.chat [--image I] [--prompt P]``.
 
-Without ``--prompt`` it is interactive: type a message; ``/image PATH`` switches image,
-``/undo`` drops the last turn, ``/reset`` starts over, ``/exit`` (or Ctrl-D) quits.
+Without ``--prompt`` it is interactive: type a message; ``/image PATH`` brings an image to the next
+question (the conversation goes on, about it from then on), ``/undo`` drops the last turn,
+``/reset`` starts over, ``/exit`` (or Ctrl-D) quits.
 ``--prompt P --explain DIR`` also writes what the answer drew on (``trace.json`` and PNGs, see
 :mod:`llama_adapter.explain`).
 """
@@ -68,16 +69,17 @@ def interactive(pipe: Pipeline, session: ChatSession, sampling: dict[str, Any]) 
             return
         try:
             if line == "/help":
-                print("/image PATH  talk about another image\n/undo  drop the last turn\n/reset  start over\n/exit")
+                print("/image PATH  the next question is about this image\n/undo  drop the last turn")
+                print("/reset  start over\n/exit")
             elif line.startswith("/image"):
                 session.set_image(line.removeprefix("/image").strip() or None)
-                print("Image set.")
+                print("The next question brings this image.")
             elif line == "/undo":
-                session.undo()
-                session.reset_cache()
+                dropped = session.undo()
+                if dropped is not None and dropped.get("image") is not None:
+                    session.set_image(dropped["image"])  # the image it brought stays for the next question
             elif line == "/reset":
-                session.messages = [m for m in session.messages if m["role"] == "system"]
-                session.reset_cache()
+                session.reset()
             else:
                 stream_answer(session, line, sampling)
         except LlamaAdapterError as e:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
+from PIL import Image
 
 from .engine import Engine, EngineConfig, Request
 from .errors import GenerationError, InputError
@@ -25,6 +26,7 @@ from .prompts import (
     prompt_chars,
     render,
     stop_strings,
+    validate_history,
     validate_messages,
     with_system,
 )
@@ -220,66 +222,212 @@ class Pipeline:
                 request.close()
         return answers
 
-    def chat(self, *, system: str | None = None, image: ImageInput | None = None) -> ChatSession:
-        """A multi-turn conversation (optionally about one image) that keeps its KV cache."""
-        return ChatSession(self, system=system, image=image)
+    def chat(
+        self, *, system: str | None = None, image: ImageInput | None = None, history: Sequence[Message] = ()
+    ) -> ChatSession:
+        """A multi-turn conversation that keeps its KV cache; any turn may bring an image (``image``
+        here: the first turn's). ``history``: earlier messages to continue from."""
+        return ChatSession(self, system=system, image=image, history=history)
 
 
 class ChatSession:
     """A conversation whose KV cache survives between turns: each turn prefills only the tokens
-    the cache does not already hold (``last_prefill_tokens`` tells how many)."""
+    the cache does not already hold (``last_prefill_tokens`` tells how many).
 
-    def __init__(self, pipeline: Pipeline, *, system: str | None = None, image: ImageInput | None = None) -> None:
+    Any user turn may bring an image (``stream(text, image=...)``). Each user message keeps, as
+    its ``"image"``, the image it was asked about: the one it brought, else the one in view. An
+    image opens a visual context: the model reads the turns asked with no image in view and those
+    about the image in view; turns about earlier images stay in ``messages`` (and come back into
+    view if the turns after them are undone) but are not read. (Adapter models are trained on one
+    image per conversation; given the answers about another picture, they repeat them.) A new
+    image changes the visual prompt every position attends to, so its turn prefills the
+    conversation it reads again; text turns after it continue the cache.
+
+    On a model without an image encoder an image is refused, unless ``keep_unseen_images``: then
+    it is kept (for experts to describe, their text given as ``context``) and the model reads only
+    the text.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        system: str | None = None,
+        image: ImageInput | None = None,
+        history: Sequence[Message] = (),
+        keep_unseen_images: bool = False,
+    ) -> None:
+        """``history``: earlier messages to continue from; a user message may carry the ``"image"``
+        it brought (a path, bytes or PIL image), and the messages after it are about that image."""
         self.pipeline = pipeline
-        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        self.visual_prompt = pipeline.visual_prompt(image)
+        self.keep_unseen_images = keep_unseen_images
+        self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        self.pending_image: Image.Image | None = None
+        """An image for the next turn (:meth:`set_image`), when that turn brings none of its own."""
+        self._seen: tuple[Image.Image | None, torch.Tensor | None] = (None, None)  # an image and its visual prompt
+        self._cache_image: Image.Image | None = None  # whose visual prompt the cache holds
+        validate_history(list(history))
+        for m in history:
+            m = dict(m)
+            if m["role"] == "user":
+                m["image"] = self._open(m["image"]) if m.get("image") is not None else self.image
+            self.messages.append(m)
+        self.set_image(image)
         self.cache = pipeline.model.new_cache(1)
         self.cached_ids: list[int] = []
         self.last_prefill_tokens = 0
         self.dropped_turns = 0
 
+    # -- the image in view -------------------------------------------------------------------------
+
+    @property
+    def image(self) -> Image.Image | None:
+        """The image the conversation is about now: the last question's."""
+        return next((m.get("image") for m in reversed(self.messages) if m["role"] == "user"), None)
+
+    @property
+    def image_to_model(self) -> bool:
+        """Whether the model itself sees :attr:`image` (else only text about it, if any)."""
+        return self.image is not None and self.pipeline.accepts_images
+
+    @property
+    def visual_prompt(self) -> torch.Tensor | None:
+        """The visual prompt of the image in view (``None``: no image, or a text-only model)."""
+        return self._visual_prompt(self.image)
+
+    def read(self, messages: Sequence[Message] | None = None) -> list[Message]:
+        """What the model reads of ``messages`` (default: the conversation) when answering its last
+        question: the system prompt, the turns asked with no image, and those about the last
+        question's image."""
+        messages = self.messages if messages is None else messages
+        image = next((m.get("image") for m in reversed(messages) if m["role"] == "user"), None)
+        read, keep = [], True
+        for m in messages:
+            if m["role"] == "user":
+                keep = m.get("image") is None or m["image"] is image
+            if keep or m["role"] == "system":
+                read.append(m)
+        return read
+
     def set_image(self, image: ImageInput | None) -> None:
-        """Talk about another image (or none): the cache no longer applies."""
-        self.visual_prompt = self.pipeline.visual_prompt(image)
-        self.reset_cache()
+        """Give ``image`` to the next turn (one that brings no image of its own); ``None`` takes back
+        one given earlier. Read and checked now: a bad image raises :class:`InputError`."""
+        self.pending_image = self._open(image) if image is not None else None
+
+    def _open(self, image: ImageInput) -> Image.Image:
+        held = [m.get("image") for m in self.messages] + [self.pending_image, self._seen[0], self._cache_image]
+        if any(image is known for known in held if known is not None):
+            return image  # already ours: the same object keeps its KV cache (a retried or edited turn)
+        picture = open_image(image, max_pixels=self.pipeline.max_image_pixels)
+        if not self.pipeline.accepts_images and not self.keep_unseen_images:
+            raise InputError("This model has no image encoder: it answers text only. Load a visual adapter.")
+        return picture
+
+    def _visual_prompt(self, image: Image.Image | None) -> torch.Tensor | None:
+        if image is None or not self.pipeline.accepts_images:
+            return None
+        if self._seen[0] is not image:
+            self._seen = (image, self.pipeline.visual_prompt(image))
+        return self._seen[1]
+
+    # -- turns -----------------------------------------------------------------------------------
+
+    def set_system(self, system: str | None) -> None:
+        """Use ``system`` as the system prompt from the next turn on (``None`` or blank: none). The
+        cache is matched by prefix, so this costs one prefill of the conversation."""
+        rest = [m for m in self.messages if m["role"] != "system"]
+        system = (system or "").strip()
+        self.messages[:] = ([{"role": "system", "content": system}] if system else []) + rest
 
     def reset_cache(self) -> None:
         self.cache = self.pipeline.model.new_cache(1)
         self.cached_ids = []
+        self._cache_image = None
 
-    def undo(self) -> None:
-        """Drop the last question and its answer."""
+    def reset(self) -> None:
+        """Forget the conversation: its turns and images (the system prompt stays)."""
+        self.messages[:] = [m for m in self.messages if m["role"] == "system"]
+        self.pending_image = None
+        self.reset_cache()
+
+    def undo(self) -> Message | None:
+        """Drop the last question and its answer; returns the question's message, or ``None`` when
+        there is none. An image it brought leaves view with it."""
         while self.messages and self.messages[-1]["role"] != "system":
-            role = self.messages.pop()["role"]
-            if role == "user":
-                break
+            message = self.messages.pop()
+            if message["role"] == "user":
+                return message
+        return None
+
+    def retry(self, *, cancel: threading.Event | None = None, **sampling: Any) -> Iterator[str]:
+        """Answer the last question again (same text, image and context) in place of its answer. If
+        the new answer cannot be written (a refusal, a failure), the old one stays."""
+        turns = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        if not turns:
+            raise InputError("There is no question to answer again yet.")
+        removed = self.messages[turns[-1] :]
+        question = removed[0]
+        del self.messages[turns[-1] :]
+        before = list(self.messages)
+        extra = {k: question[k] for k in ("image", "context", "record") if question.get(k) is not None}
+        pieces = self.stream(question["content"], cancel=cancel, **extra, **sampling)
+        try:
+            yield from pieces
+        except BaseException:
+            if _same(self.messages, before):
+                self.messages.extend(removed)  # refused or failed: the old answer comes back
+            raise
+        finally:
+            pieces.close()
 
     def stream(
-        self, text: str, *, context: str | None = None, cancel: threading.Event | None = None, **sampling: Any
+        self,
+        text: str,
+        *,
+        image: ImageInput | None = None,
+        context: str | None = None,
+        record: Any = None,
+        cancel: threading.Event | None = None,
+        **sampling: Any,
     ) -> Iterator[str]:
-        """Ask ``text`` (with optional expert ``context``) and yield the answer in pieces. The
-        answer, even a cancelled one, is kept in ``messages``; if the model fails part-way
-        (:class:`GenerationError`), the question is taken back and the conversation is as before."""
-        user = {"role": "user", "content": text, **({"context": context} if context else {})}
+        """Ask ``text`` (bringing ``image``, with optional expert ``context``) and yield the answer
+        in pieces. ``record``: anything the caller wants kept with the question (the model never
+        reads it). The answer, even a cancelled one, is kept in ``messages``; a refused question
+        (bad input, a full queue) or a model failing part-way (:class:`GenerationError`) leaves
+        the conversation as it was."""
+        user: Message = {"role": "user", "content": text}
+        if context:
+            user["context"] = context
+        brought = image if image is not None else self.pending_image
+        in_view = self._open(brought) if brought is not None else self.image
+        if in_view is not None:
+            user["image"] = in_view
+        if record is not None:
+            user["record"] = record
         # Only the new message is limited: the history is ours, and is cut to fit the context below.
         self.pipeline.check_length([m for m in self.messages if m["role"] == "system"] + [user])
         params = self.pipeline.sampling_params(**sampling)
         ids, kept, dropped = self._fit_turns(user, params)
         # A question too long for the context even alone is refused here, with the history untouched.
         params = self.pipeline.fit_to_context(len(ids), params)
+        visual = self._visual_prompt(in_view)
+        if visual is not None and in_view is not self._cache_image:
+            self.reset_cache()  # every cached position attended to another image's adapter prompts
+            self._cache_image = in_view
         reuse = _common_prefix(self.cached_ids, ids)
         reuse = min(reuse, len(ids) - 1, self.cache.length)
         self.cache.truncate(reuse)
         # The engine continues this conversation's cache and writes the finished turn back into it.
         # A refusal (a full queue) leaves the conversation as it was.
         request = self.pipeline.engine.submit(
-            ids[reuse:], params, visual_prompt=self.visual_prompt, cache=self.cache, cancel=cancel
+            ids[reuse:], params, visual_prompt=visual, cache=self.cache, cancel=cancel
         )
         self.last_prefill_tokens = len(ids) - reuse
         if dropped:
             self.messages[:] = kept
             self.dropped_turns += dropped
-            log.info("Chat longer than the context: dropped the %d oldest turn(s)", dropped)
+            log.info("Chat longer than the context: dropped the %d oldest turn(s) it read", dropped)
+        self.pending_image = None
         self.messages.append(user)
         answer: list[str] = []
         failed = False
@@ -300,23 +448,28 @@ class ChatSession:
                 # The cache holds the prompt and the answer tokens fed back so far.
                 self.cached_ids = (ids + request.generated)[: self.cache.length]
 
-    def ask(self, text: str, *, context: str | None = None, **sampling: Any) -> str:
-        return "".join(self.stream(text, context=context, **sampling))
+    def ask(self, text: str, *, image: ImageInput | None = None, context: str | None = None, **sampling: Any) -> str:
+        return "".join(self.stream(text, image=image, context=context, **sampling))
 
-    def _fit_turns(self, user: dict[str, str], params: Sampling) -> tuple[list[int], list[Message], int]:
-        """Token ids of the conversation plus ``user``, the messages they hold, and how many of the
-        oldest turns were left out so that it fits the context with room to answer."""
+    def _fit_turns(self, user: Message, params: Sampling) -> tuple[list[int], list[Message], int]:
+        """Token ids of what the model reads of the conversation plus ``user``, the messages kept,
+        and how many of the oldest turns it reads were left out to fit the context with room to answer."""
         budget = self.pipeline.context_length - min(params.max_new_tokens, self.pipeline.context_length // 4)
         kept, dropped = list(self.messages), 0
         while True:
-            ids = self.pipeline.encode(self.pipeline.render([*kept, user], limit=False))
-            turns = [i for i, m in enumerate(kept) if m["role"] == "user"]
+            read = self.read([*kept, user])
+            ids = self.pipeline.encode(self.pipeline.render(read, limit=False))
+            turns = [i for i, m in enumerate(kept) if m["role"] == "user" and any(m is r for r in read)]
             if len(ids) <= budget or not turns:
                 return ids, kept, dropped
             first = turns[0]
-            end = turns[1] if len(turns) > 1 else len(kept)
+            end = next((i for i in range(first + 1, len(kept)) if kept[i]["role"] == "user"), len(kept))
             del kept[first:end]
             dropped += 1
+
+
+def _same(a: list[Message], b: list[Message]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

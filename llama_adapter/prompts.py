@@ -66,8 +66,20 @@ def with_system(messages: list[Message], system_prompt: str | None) -> list[Mess
 
 
 def validate_messages(messages: list[Message]) -> None:
+    """A conversation ready to answer: well-formed messages, the last a non-empty user message."""
     if not messages:
         raise InputError("The conversation is empty: write a message first.")
+    validate_history(messages)
+    if messages[-1]["role"] != "user":
+        raise InputError("The last message must be from the user.")
+    if not clean_text(messages[-1]["content"]).strip():
+        raise InputError("The message is empty: type a question or instruction.")
+
+
+def validate_history(messages: list[Message]) -> None:
+    """Each message a dict with a known role and text content (and text context, if any)."""
+    if not isinstance(messages, (list, tuple)):
+        raise InputError(f"The history must be a list of messages; got {type(messages).__name__}")
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise InputError(f"Each message needs a role of system, user or assistant; got {m!r:.80}")
@@ -75,10 +87,6 @@ def validate_messages(messages: list[Message]) -> None:
             raise InputError(f"Message content must be text; got {type(m.get('content')).__name__}")
         if m.get("context") is not None and not isinstance(m["context"], str):
             raise InputError(f"Message context must be text; got {type(m['context']).__name__}")
-    if messages[-1]["role"] != "user":
-        raise InputError("The last message must be from the user.")
-    if not clean_text(messages[-1]["content"]).strip():
-        raise InputError("The message is empty: type a question or instruction.")
 
 
 def prompt_chars(messages: list[Message]) -> int:

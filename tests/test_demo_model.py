@@ -10,7 +10,7 @@ import sys
 import pytest
 from test_image_chat import visual_pipeline as demo
 
-from experts import ImageChat
+from experts import MultimodalChat
 from llama_adapter.build import DEFAULT_ADAPTER
 from llama_adapter.weights import read_adapter_metadata
 from train.evaluate import normalize_answer
@@ -59,9 +59,9 @@ def test_heldout_easy_vqa_questions_are_answered_from_the_image():
 
 def test_a_price_is_read_with_the_ocr_expert_and_not_without():
     question = "How much do the apples cost?"
-    chat = ImageChat(demo(), EXAMPLES / "price_tag.png")
-    with_ocr = chat.ask(question, experts=["ocr"], max_new_tokens=16)
-    assert "1.99" in with_ocr, (with_ocr, chat.last_prompt)
+    chat = MultimodalChat(demo())
+    with_ocr = chat.ask(question, [EXAMPLES / "price_tag.png"], ["ocr"], max_new_tokens=16)
+    assert "1.99" in with_ocr, (with_ocr, chat.last_turn.prompt)
     without = demo().generate(question, image=EXAMPLES / "price_tag.png", max_new_tokens=16)
     assert "1.99" not in without, without
 

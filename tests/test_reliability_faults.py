@@ -22,7 +22,7 @@ from test_app import Served, serve
 from test_image_chat import visual_pipeline
 
 import llama_adapter
-from experts import Availability, Expert, ImageChat, Registry
+from experts import Availability, Expert, MultimodalChat, Registry
 from llama_adapter import CheckpointError
 from llama_adapter import weights as weights_module
 from llama_adapter.errors import GenerationError
@@ -94,12 +94,13 @@ def test_a_chat_keeps_its_history_when_the_model_fails_and_the_next_turn_is_exac
 
 def test_an_image_chat_forgets_the_failed_turn():
     pipe = visual_pipeline()
-    chat = ImageChat(pipe, Image.new("RGB", (64, 64), "red"), registry=Registry([]))
+    chat = MultimodalChat(pipe, registry=Registry([]))
+    red = Image.new("RGB", (64, 64), "red")
     with model_calls(pipe.model, fail_at=3), pytest.raises(GenerationError):
-        chat.ask("Describe the image in detail.", max_new_tokens=20)
-    assert chat.messages == [] and chat.last_prompt is None and chat.last_report is None
-    assert chat.ask("What colour is it?", max_new_tokens=4) == pipe.generate(
-        "What colour is it?", image=chat.image, max_new_tokens=4
+        chat.ask("Describe the image in detail.", [red], max_new_tokens=20)
+    assert chat.messages == [] and chat.last_turn is None and chat.image is None
+    assert chat.ask("What colour is it?", [red], max_new_tokens=4) == pipe.generate(
+        "What colour is it?", image=red, max_new_tokens=4
     )
 
 
