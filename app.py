@@ -1,15 +1,17 @@
-"""The LLaMA-Adapter V2 demo: chat, chat about an image with OCR and caption experts, and a with/without comparison.
+"""The LLaMA-Adapter V2 demo: one chat in which any message may bring an image, OCR and caption
+experts shown as steps, and a with/without-experts comparison.
 
     python app.py                                     # the shipped demo model, offline, http://127.0.0.1:7860
     python app.py --base /path/to/llama_dir --adapter BIAS-7B --device cuda --share
 
-Layout and wiring only: every action calls one library function (``ChatSession.stream``,
-``experts.ImageChat.stream``, ``experts.compare``, ``experts.describe``, …). One model per process
-is shared by every session; each session keeps its own conversations (and their KV caches) in
-``gr.State``. Named API endpoints for ``gradio_client``: ``/chat``, ``/describe_image``, ``/compare``;
-and on the same port the OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``
-(``llama_adapter.serve``). Every answer, from any door, is written by the pipeline's engine, which
-decodes all the requests under way together.
+Layout and wiring only: the conversation is an ``experts.MultimodalChat`` (images per turn, retry,
+undo, edit, system prompt, the experts' per-turn report); every action calls one library function
+(``MultimodalChat.stream``, ``experts.compare``, ``experts.describe``, ``Pipeline.stream``). One model
+per process is shared by every session; each session keeps its own conversation (and its KV cache)
+in ``gr.State``. Named API endpoints for ``gradio_client``: ``/chat``, ``/chat_multimodal``,
+``/describe_image``, ``/compare``; and on the same port the OpenAI-compatible
+``/v1/chat/completions`` and ``/v1/models`` (``llama_adapter.serve``). Every answer, from any door,
+is written by the pipeline's engine, which decodes all the requests under way together.
 """
 
 from __future__ import annotations
@@ -27,14 +29,14 @@ import threading  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Iterator, Sequence, TypeVar, Union  # noqa: E402
+from typing import Any, Callable, Iterator, Sequence, TypeVar  # noqa: E402
 
 import gradio as gr  # noqa: E402
 from fastapi import APIRouter  # noqa: E402
 from gradio import FileData  # noqa: E402
 
-from experts import ExpertReport, ImageChat, Registry, compare, default_registry, describe, run_experts  # noqa: E402
-from llama_adapter import ChatSession, LlamaAdapterError, Pipeline, serve  # noqa: E402
+from experts import MultimodalChat, Registry, Turn, compare, default_registry, describe, run_experts  # noqa: E402
+from llama_adapter import LlamaAdapterError, Pipeline, serve  # noqa: E402
 from llama_adapter.cli import (  # noqa: E402
     add_model_arguments,
     add_server_arguments,
@@ -53,17 +55,25 @@ QUEUE_SIZE = 32
 MAX_NEW_TOKENS = 1024
 """Longest answer a request may ask for (the sliders' maximum)."""
 MAX_MESSAGE_CHARS = 8000
-"""Typing limit of the text boxes; the library still refuses a prompt longer than the model's context."""
+"""Longest message typed (longer text is not turned into a file); the library still refuses a prompt
+longer than the model's context."""
 MAX_FILE_SIZE = "25mb"
+DEFAULT_QUESTION = "Describe the image."
+"""The question of a message that brings images and no text."""
 CHAT_EXAMPLES = [
     "Name three colours.",
     "Write a haiku about autumn.",
     "Explain in one sentence why the sky is blue.",
     "Give me three tips for learning a new language.",
 ]
+CSS = """
+#chatbot [data-testid=user] img { max-height: 180px; width: auto; object-fit: contain; }
+#chatbot .message-row.bot-row { min-width: min(36rem, calc(100% - 60px)); }
+"""
+"""Pictures in the conversation as thumbnails (the one in view is shown beside it), and room for the
+steps' titles."""
+NO_IMAGE = "_No image yet: attach, paste or drop one with your message._"
 NOT_COMPARED = "_Press **Compare** to answer the question without and with the chosen experts, same seed._"
-NOTHING_SEEN = "_Ask a question about the image to see the experts' text and the exact prompt the model read._"
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 try:
@@ -77,19 +87,14 @@ except ImportError:
         return fn
 
 
-Session = Union[ChatSession, ImageChat]
-
-
 @dataclass(eq=False)
 class Conversation:
-    """One browser session's conversation, the switch that stops its answer, and a lock held while
-    an answer is written, so that Undo or Clear wait until a stopped answer is in the history."""
+    """One browser session's chat, the switch that stops its answer, and a lock held while an answer
+    is written, so that Undo or Clear wait until a stopped answer is in the history."""
 
-    session: Session
+    chat: MultimodalChat
     cancel: threading.Event = field(default_factory=threading.Event)
     busy: threading.Lock = field(default_factory=threading.Lock)
-    upload: str | None = None
-    """The uploaded file the image tab was last given (accepted or not)."""
 
     @contextmanager
     def turn(self) -> Iterator[threading.Event]:
@@ -112,6 +117,137 @@ class Conversation:
 # -- presentation -----------------------------------------------------------------------------------------
 
 
+def file_name(image: Any) -> str:
+    return Path(image).name if isinstance(image, (str, os.PathLike)) else "an image"
+
+
+def step(title: str, content: str, *, log: str | None = None, duration: float | None = None) -> dict[str, Any]:
+    """A collapsed step before an answer (Gradio shows a message with a title as a foldable "thought")."""
+    metadata: dict[str, Any] = {"title": title, "status": "done"}
+    if log:
+        metadata["log"] = log
+    if duration is not None:
+        metadata["duration"] = round(duration, 2)
+    return {"role": "assistant", "content": content, "metadata": metadata}
+
+
+def fenced(text: str) -> str:
+    return "```text\n" + text.replace("```", "ʼʼʼ") + "\n```"
+
+
+def image_step(turn: Turn, number: int, in_view: bool, sees_images: bool) -> dict[str, Any]:
+    """Which image a turn brought, whether it is still the one in view, and those it left unread."""
+    title = f"Image {number}: {file_name(turn.attached[-1])}"
+    title += " · in view" if in_view else " · replaced by a later image"
+    lines = []
+    if turn.unused:
+        title += f" (the last of {len(turn.attached)} attached)"
+        unread = ", ".join(file_name(i) for i in turn.unused)
+        lines.append(f"The model takes one image per turn: it uses the last one attached. Not read: {unread}.")
+    if not sees_images:
+        lines.append("This model cannot see pictures: it reads only the experts' text about this one.")
+    elif in_view:
+        lines.append(
+            "The model sees this image from this turn on. It reads the turns asked with no image and those "
+            "about this one; turns about earlier images stay here, unread."
+        )
+    else:
+        lines.append("A later image replaced it: the model no longer reads the turns about it.")
+    return step(title, "\n\n".join(lines))
+
+
+def expert_steps(turn: Turn) -> list[dict[str, Any]]:
+    """One step per expert that ran for this turn (its text, time or "cached", or why it was skipped),
+    and one for those whose text about this image is in an earlier turn."""
+    steps = []
+    for r in turn.experts:
+        if r.status != "ok":
+            steps.append(step(f"{r.label}: skipped", r.reason, log=r.status))
+            continue
+        text = fenced(r.text.strip()) if r.text.strip() else "_No text found._"
+        steps.append(step(r.label, text, log="cached" if r.cached else None, duration=None if r.cached else r.seconds))
+    if turn.earlier:
+        labels = ", ".join(r.label for r in turn.earlier)
+        steps.append(step(f"{labels}: read this image already", "Their text is in an earlier turn of this image."))
+    return steps
+
+
+def prompt_step(turn: Turn) -> dict[str, Any]:
+    cached = turn.prompt_tokens - turn.prefill_tokens
+    log = f"{turn.prompt_tokens:,} tokens" + (f", {cached:,} of them from the KV cache" if cached else "")
+    return step("The exact prompt", fenced(turn.prompt), log=log)
+
+
+def question_messages(question: str, files: Sequence[Any]) -> list[dict[str, Any]]:
+    """A question as Gradio shows a multimodal message: its text, then each picture it brought. (Gradio
+    6.31 offers Edit on a message that ends in text, and its edit fails on a picture: so a question
+    with pictures is not editable, and one without is.)"""
+    shown = [{"role": "user", "content": {"path": str(f)}} for f in files if isinstance(f, (str, os.PathLike))]
+    return [{"role": "user", "content": question}, *shown]
+
+
+def asked_before(messages: list[dict[str, Any]], index: int) -> int:
+    """How many questions come before the shown message at ``index`` (its turn's number)."""
+    return sum(m["role"] == "user" and isinstance(m["content"], str) for m in messages[:index])
+
+
+def conversation(
+    chat: MultimodalChat, answering: str | None = None, *, turns: int | None = None
+) -> list[dict[str, Any]]:
+    """The chat as Gradio messages: each question with its images, then the steps that led to its
+    answer (the image it brought, the experts, the exact prompt), then the answer. ``answering``:
+    the answer being written to the last question; ``turns``: only the first so many turns."""
+    messages: list[dict[str, Any]] = []
+    images = asked = 0
+    for m in chat.messages:
+        if m["role"] == "user":
+            asked += 1
+            if turns is not None and asked > turns:
+                break
+        if m["role"] == "assistant":
+            messages.append({"role": "assistant", "content": m["content"] or "_(no answer)_"})
+        elif m["role"] == "user":
+            turn: Turn = m["record"]
+            messages += question_messages(turn.question, turn.attached)
+            if turn.new_image:
+                images += 1
+                in_view = turn.image is chat.image
+                messages.append(image_step(turn, images, in_view, chat.pipeline.accepts_images))
+            messages += expert_steps(turn)
+            if turn.prompt:
+                messages.append(prompt_step(turn))
+    if answering is not None:
+        messages.append({"role": "assistant", "content": answering})
+    return messages
+
+
+def pending(
+    chat: MultimodalChat, question: str, files: list[str], names: list[str], before: list[dict] | None = None
+) -> list[dict[str, Any]]:
+    """The chat (or ``before``) with a question just asked, and the experts ``names`` reading its image."""
+    reading = []
+    if names and (files or chat.image is not None):
+        title = f"Reading the image: {', '.join(names)}…"
+        reading = [{"role": "assistant", "content": "", "metadata": {"title": title, "status": "pending"}}]
+    return [*(conversation(chat) if before is None else before), *question_messages(question, files), *reading]
+
+
+def image_in_view(chat: MultimodalChat) -> tuple[Any, str]:
+    """The image the model sees now (as the file it came from, where there is one) and a line about it."""
+    image = chat.image
+    if image is None:
+        return None, NO_IMAGE
+    turns = chat.turns
+    how = "The model sees it" if chat.image_to_model else "The experts read it (this model cannot see images)"
+    brought = next((i for i, t in enumerate(turns) if t.image is image and t.new_image), None)
+    if brought is None:  # its turn was dropped to fit the context
+        return image, f"**The image in view**. {how}; a new image replaces it."
+    number = sum(t.new_image for t in turns[: brought + 1])
+    source = turns[brought].attached[-1]
+    shown = source if isinstance(source, (str, os.PathLike)) else image
+    return shown, f"**Image {number}** ({file_name(source)}). {how}; a new image replaces it."
+
+
 def header_markdown(pipe: Pipeline, queue_size: int = QUEUE_SIZE) -> str:
     info = pipe.info
     adapter = Path(info["adapter"]).name if info.get("adapter") else "none (plain base model)"
@@ -124,37 +260,6 @@ def header_markdown(pipe: Pipeline, queue_size: int = QUEUE_SIZE) -> str:
         f"A parameter-efficient visual instruction model. Up to {pipe.engine.config.max_batch} answers are "
         f"written together; others wait in a queue of up to {queue_size}."
     )
-
-
-def display(messages: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
-    """A conversation as Gradio chat messages: no system prompt, no expert context."""
-    return [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
-
-
-def report_markdown(chat: ImageChat) -> str:
-    if chat.last_report is None:
-        return NOTHING_SEEN
-    if chat.image_to_model:
-        lines = ["**Image**: given to the model as its visual prompt."]
-    else:
-        lines = ["**Image**: not seen by this text-only model; only the experts' text describes it."]
-    if not len(chat.last_report):
-        lines.append("**Experts**: none chosen.")
-    for r in chat.last_report:
-        if r.status != "ok":
-            lines.append(f"**{r.label}**: skipped ({r.status}): {r.reason}")
-            continue
-        timing = "cached" if r.cached else f"{r.seconds:.2f} s"
-        text = r.text.strip()
-        lines.append(
-            f"**{r.label}** ({timing}):\n```text\n{text}\n```" if text else f"**{r.label}** ({timing}): no text"
-        )
-    return "\n\n".join(lines)
-
-
-def skipped_warnings(report: ExpertReport | None) -> None:
-    for r in report.skipped if report is not None else []:
-        gr.Warning(f"{r.label} was skipped ({r.reason}); the answer went on without it.")
 
 
 def plain(error: Exception) -> str:
@@ -337,19 +442,384 @@ def expert_choices(registry: Registry) -> list[tuple[str, str]]:
     return choices
 
 
-def sampling_controls(
-    tab: str, temperature: float, top_p: float, max_new_tokens: int, seed: int, most: int = MAX_NEW_TOKENS
-) -> list[gr.Component]:
-    with gr.Accordion("Sampling", open=False, elem_id=f"{tab}-sampling"):
-        with gr.Row():
-            t = gr.Slider(0.0, 1.5, value=temperature, step=0.05, label="Temperature", info="0 = greedy")
-            p = gr.Slider(0.05, 1.0, value=top_p, step=0.05, label="Top-p")
-        with gr.Row():
-            n = gr.Slider(
-                1, most, value=min(max_new_tokens, most), step=1, label="Max new tokens", elem_id=f"{tab}-max-tokens"
+def message_parts(text: Any, files: list[str]) -> str:
+    """The question of a message: its text, or :data:`DEFAULT_QUESTION` when it brings only images."""
+    if text is not None and not isinstance(text, str):
+        raise gr.Error(f"The message text must be a string; got {type(text).__name__}", print_exception=False)
+    return DEFAULT_QUESTION if files and not (text or "").strip() else text or ""
+
+
+def api_files(files: Any, allowed_dirs: Sequence[Path] = ()) -> list[str]:
+    """The server paths of the images a client uploaded with a message (``handle_file`` values)."""
+    if files is None:
+        return []
+    if not isinstance(files, list):
+        raise gr.Error("files must be a list, e.g. [gradio_client.handle_file('photo.jpg')].", print_exception=False)
+    return [upload_path(f, allowed_dirs) for f in files]
+
+
+def api_history(history: Any, allowed_dirs: Sequence[Path] = ()) -> list[dict[str, Any]]:
+    """``/chat_multimodal``'s history as library messages: each ``{"role", "content"}`` with, on a user
+    message, the ``"files"`` it brought (its last image is the one the model saw)."""
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise gr.Error('history must be a list of {"role", "content", "files"} messages.', print_exception=False)
+    messages = []
+    for m in history:
+        if isinstance(m, dict) and "files" in m:
+            files = api_files(m["files"], allowed_dirs)
+            m = {k: v for k, v in m.items() if k != "files"}
+            if files:
+                m["image"] = files[-1]
+        messages.append(m)
+    return messages
+
+
+@dataclass
+class Page:
+    """The components the handlers write to."""
+
+    state: gr.State
+    chatbot: gr.Chatbot
+    box: gr.MultimodalTextbox
+    in_view: gr.Image
+    in_view_note: gr.Markdown
+    compare_image: gr.Image
+    compare_question: gr.Textbox
+    compare_panes: dict[str, tuple[gr.Markdown, gr.Markdown, gr.Code]]
+    """"without" and "with": title, answer, prompt."""
+
+
+class Handlers:
+    """The page's event handlers and the API endpoints, bound to one pipeline. UI handlers return
+    dicts keyed by the components of ``page``; every answer comes from one library call."""
+
+    def __init__(self, pipe: Pipeline, registry: Registry, page: Page, allowed_dirs: Sequence[Path] = ()) -> None:
+        self.pipe, self.registry, self.page, self.allowed_dirs = pipe, registry, page, allowed_dirs
+        self.labels = dict((kind, label) for label, kind in expert_choices(registry))
+        self.most_tokens = pipe.limits.max_new_tokens or MAX_NEW_TOKENS
+
+    def new(self) -> Conversation:
+        return Conversation(MultimodalChat(self.pipe, registry=self.registry))
+
+    def view(self, conv: Conversation) -> dict[gr.components.Component, Any]:
+        image, note = image_in_view(conv.chat)
+        p = self.page
+        return {p.chatbot: conversation(conv.chat), p.in_view: image, p.in_view_note: note, p.state: conv}
+
+    def stream(
+        self,
+        conv: Conversation,
+        system: str | None,
+        shown: Callable[[], list[dict[str, Any]]],
+        start: Callable[[threading.Event], Iterator[str]],
+        restore: Any = None,
+    ) -> Iterator[dict[gr.components.Component, Any]]:
+        """One answer streamed into the chat: ``shown`` while the experts read, then the answer as
+        it grows. A question the library refuses goes back into the box (``restore``) with a
+        warning saying why; the conversation is as it was."""
+        p = self.page
+        with conv.turn() as cancel:
+            conv.chat.set_system(system)
+            yield {p.chatbot: shown(), p.box: None if restore is not None else gr.skip(), p.state: conv}
+            answer, pieces = "", None
+            try:
+                pieces = start(cancel)
+                for piece in pieces:
+                    answer += piece
+                    yield {p.chatbot: conversation(conv.chat, answer)}
+            except (LlamaAdapterError, KeyError) as e:
+                gr.Warning(plain(e))
+                yield {**self.view(conv), p.box: restore if restore is not None else gr.skip()}
+                return
+            finally:
+                if pieces is not None:
+                    pieces.close()
+            # The chat's own record, sent while the lock is held so that an Undo waiting for it
+            # cannot be overtaken by it.
+            yield self.view(conv)
+
+    def reading(self, experts: list[str] | None) -> list[str]:
+        return [self.labels.get(kind, kind) for kind in experts or ()]
+
+    # -- chat --
+
+    @gpu
+    def send(
+        self,
+        message: dict | None,
+        conv: Conversation | None,
+        system: str,
+        experts: list[str],
+        temperature: float,
+        top_p: float,
+        tokens: float,
+        seed: float,
+    ) -> Iterator[dict[gr.components.Component, Any]]:
+        conv = conv or self.new()
+        message = message or {}
+        files = [upload_path({"path": f}, self.allowed_dirs) for f in message.get("files") or ()]
+        question = message_parts(message.get("text"), files)
+        params = sampling(temperature, top_p, tokens, seed)
+        yield from self.stream(
+            conv,
+            system,
+            lambda: pending(conv.chat, question, files, self.reading(experts)),
+            lambda cancel: conv.chat.stream(question, files, experts, cancel=cancel, **params),
+            restore=message,
+        )
+
+    @gpu
+    def retry(
+        self,
+        conv: Conversation | None,
+        system: str,
+        experts: list[str],
+        temperature: float,
+        top_p: float,
+        tokens: float,
+        seed: float,
+    ) -> Iterator[dict[gr.components.Component, Any]]:
+        if conv is None or not conv.chat.turns:
+            gr.Warning("There is no question to answer again yet.")
+            return
+        yield from self.ask_again(conv, None, None, system, experts, temperature, top_p, tokens, seed)
+
+    @gpu
+    def edit(
+        self,
+        edited: gr.EditData,
+        conv: Conversation | None,
+        system: str,
+        experts: list[str],
+        temperature: float,
+        top_p: float,
+        tokens: float,
+        seed: float,
+    ) -> Iterator[dict[gr.components.Component, Any]]:
+        if conv is None or not conv.chat.turns:
+            return
+        index = edited.index if isinstance(edited.index, int) else edited.index[0]
+        turn = asked_before(conversation(conv.chat), index)
+        text = (
+            edited.value
+            if isinstance(edited.value, str)
+            else next((v for v in edited.value or () if isinstance(v, str)), None)
+        )
+        yield from self.ask_again(conv, turn, text, system, experts, temperature, top_p, tokens, seed)
+
+    def ask_again(
+        self, conv: Conversation, turn: int | None, question: str | None, system: str, experts: list[str], *values: Any
+    ) -> Iterator[dict[gr.components.Component, Any]]:
+        """Turn number ``turn`` (``None``: the last) asked again as ``question`` (``None``: unchanged),
+        the turns after it dropped."""
+        params = sampling(*values)
+        number = -1 if turn is None else turn
+
+        def shown() -> list[dict[str, Any]]:
+            turns = conv.chat.turns
+            if not turns:
+                return conversation(conv.chat)
+            old = turns[number]
+            files = [str(f) for f in old.attached if isinstance(f, (str, os.PathLike))]
+            kept = conversation(conv.chat, turns=turns.index(old))
+            asked = old.question if question is None else question
+            return pending(conv.chat, asked, files, self.reading(experts), before=kept)
+
+        yield from self.stream(
+            conv,
+            system,
+            shown,
+            lambda cancel: conv.chat.edit(question, experts, turn=number, cancel=cancel, **params),
+        )
+
+    def undo(self, conv: Conversation | None) -> dict[gr.components.Component, Any]:
+        """The last turn taken back; its question and images go back into the box, as Gradio's chat does."""
+        conv = conv or self.new()
+        with conv.paused():
+            turn = conv.chat.undo()
+        box = gr.skip()
+        if turn is not None:
+            box = {"text": turn.question, "files": [str(f) for f in turn.attached if isinstance(f, (str, os.PathLike))]}
+        return {**self.view(conv), self.page.box: box}
+
+    def clear(self, conv: Conversation | None) -> dict[gr.components.Component, Any]:
+        if conv is not None:
+            conv.cancel.set()
+        return self.view(self.new())
+
+    def stop(self, conv: Conversation | None) -> dict[gr.components.Component, Any]:
+        """The answer being written stopped where it is, and kept (the image it was about stays in view)."""
+        conv = conv or self.new()
+        with conv.paused():
+            return self.view(conv)
+
+    # -- compare --
+
+    def show_compare(self, conv: Conversation | None, question: str) -> dict[gr.components.Component, Any]:
+        """The Compare tab opened: the chat's image in view, and its last question if none is typed."""
+        chat = conv.chat if conv else None
+        image = image_in_view(chat)[0] if chat else None
+        asked = chat.turns[-1].question if chat and chat.turns else ""
+        return {self.page.compare_image: image, self.page.compare_question: (question or "").strip() or asked}
+
+    @gpu
+    def compare_side_by_side(
+        self,
+        question: str,
+        conv: Conversation | None,
+        experts: list[str],
+        temperature: float,
+        top_p: float,
+        tokens: float,
+        seed: float,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects progress through this default
+    ) -> dict[gr.components.Component, Any]:
+        image = conv.chat.image if conv else None
+        if image is None:
+            gr.Warning("There is no image in the chat yet: attach one to a message first.")
+            return {}
+        if not experts:
+            gr.Warning("Choose OCR or Caption (or both) in the side panel to compare against.")
+            return {}
+        params = sampling(temperature, top_p, tokens, seed)
+        params["seed"] = 0 if params["seed"] is None else params["seed"]  # both answers need the same seed
+        progress(0, desc="Running the experts, then answering twice…")
+        try:
+            result = compare(self.pipe, question, image, [experts], registry=self.registry, **params)
+        except (LlamaAdapterError, KeyError) as e:
+            gr.Warning(plain(e))
+            return {}
+        shown: dict[gr.components.Component, Any] = {}
+        for side, variant in zip(("without", "with"), result.variants):
+            title_box, answer_box, prompt_box = self.page.compare_panes[side]
+            title = "Without experts" if not variant.experts else "With " + " + ".join(r.label for r in variant.report)
+            skipped = f" (skipped: {', '.join(variant.skipped)})" if variant.skipped else ""
+            shown[title_box] = f"#### {title} · {variant.seconds:.2f} s{skipped}"
+            shown[answer_box] = variant.answer.strip() or "_(empty answer)_"
+            shown[prompt_box] = variant.prompt
+        return shown
+
+    # -- API endpoints (plain data in and out, for gradio_client) --
+
+    @gpu
+    def chat_api(
+        self,
+        message: str,
+        history: list[dict] | None = None,
+        system: str = "",
+        max_new_tokens: int | None = None,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Answer `message` after `history` (a list of {"role", "content"} messages, default none);
+        streams the answer as it grows. `max_new_tokens` defaults to 256 (or the server's limit)."""
+        messages = [*([{"role": "system", "content": system}] if system else []), *(history or [])]
+        messages.append({"role": "user", "content": message})
+        tokens = min(256, self.most_tokens) if max_new_tokens is None else max_new_tokens
+        answer = None
+        try:
+            for piece in self.pipe.stream(messages, **sampling(temperature, top_p, tokens, seed)):
+                answer = (answer or "") + piece
+                yield answer
+        except LlamaAdapterError as e:
+            raise gr.Error(plain(e), print_exception=False) from e
+        if answer is None:
+            yield ""
+
+    @gpu
+    def chat_multimodal_api(
+        self,
+        message: dict,
+        history: list[dict] | None = None,
+        system: str = "",
+        experts: list[str] | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        seed: int | None = None,
+    ) -> Iterator[str]:
+        """Answer `message` ({"text": ..., "files": [handle_file(...)]}, as the chat's box gives it) after
+        `history` ({"role", "content"} messages; a user message may carry the "files" it brought: the
+        model sees the last image of the conversation). `experts` ("ocr", "caption") read that image.
+        Streams the answer as it grows. `max_new_tokens` defaults to 256 (or the server's limit)."""
+        if not isinstance(message, dict):
+            raise gr.Error('The message must be {"text": ..., "files": [...]}.', print_exception=False)
+        files = api_files(message.get("files"), self.allowed_dirs)
+        question = message_parts(message.get("text"), files)
+        tokens = min(256, self.most_tokens) if max_new_tokens is None else max_new_tokens
+        params = sampling(temperature, top_p, tokens, seed)
+        answer = None
+        try:
+            chat = MultimodalChat(
+                self.pipe,
+                system=system or None,
+                history=api_history(history, self.allowed_dirs),
+                registry=self.registry,
             )
-            s = gr.Number(value=seed, precision=0, minimum=-1, label="Seed", info="-1 = random")
-    return [t, p, n, s]
+            for piece in chat.stream(question, files, experts or (), **params):
+                answer = (answer or "") + piece
+                yield answer
+        except (LlamaAdapterError, KeyError) as e:
+            raise gr.Error(plain(e), print_exception=False) from e
+        if answer is None:
+            yield ""
+
+    @gpu
+    def describe_image_api(
+        self,
+        image: FileData,
+        instruction: str,
+        experts: list[str] | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = 0,
+    ) -> dict:
+        """Answer `instruction` about `image` with the text of `experts` ("ocr", "caption") in the prompt.
+        Returns the answer, the exact prompt, each expert's text and status, and the answer's seconds.
+        `max_new_tokens` defaults to 128 (or the server's limit)."""
+        tokens = min(128, self.most_tokens) if max_new_tokens is None else max_new_tokens
+        try:
+            result = describe(
+                self.pipe,
+                upload_path(image, self.allowed_dirs),
+                instruction,
+                experts or (),
+                registry=self.registry,
+                **sampling(temperature, top_p, tokens, seed),
+            )
+        except (LlamaAdapterError, KeyError) as e:
+            raise gr.Error(plain(e), print_exception=False) from e
+        return result.to_dict()
+
+    @gpu
+    def compare_api(
+        self,
+        image: FileData,
+        instruction: str,
+        experts: list[str],
+        max_new_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> dict:
+        """Answer `instruction` about `image` without experts and with `experts`, same seed. Returns
+        "variants" (no experts first), each with its label, prompt, answer and seconds, and the experts'
+        texts. `max_new_tokens` defaults to 128 (or the server's limit)."""
+        if not experts:
+            raise gr.Error('Name at least one expert to compare with, e.g. ["ocr"].', print_exception=False)
+        tokens = min(128, self.most_tokens) if max_new_tokens is None else max_new_tokens
+        params = sampling(temperature, top_p, tokens, seed)
+        params["seed"] = 0 if params["seed"] is None else params["seed"]  # both answers need the same seed
+        try:
+            path = upload_path(image, self.allowed_dirs)
+            result = compare(self.pipe, instruction, path, [experts], registry=self.registry, **params)
+        except (LlamaAdapterError, KeyError) as e:
+            raise gr.Error(plain(e), print_exception=False) from e
+        return result.to_dict()
 
 
 # -- the app ----------------------------------------------------------------------------------------------
@@ -371,446 +841,156 @@ def build_demo(
     if image_examples:
         gr.set_static_paths([examples_dir])
     most_tokens = pipe.limits.max_new_tokens or MAX_NEW_TOKENS
-    # Every tab and API shares the engine's slots: as many events run at once as it decodes together.
+    # Every event and API shares the engine's slots: as many run at once as it decodes together.
     model = {"concurrency_id": "model", "concurrency_limit": pipe.engine.config.max_batch}
     instant = {"queue": False, "api_visibility": "private"}
 
-    def stream_turn(
-        conv: Conversation, question: str, start: Callable[[threading.Event], Iterator[str]], waiting: str = ""
-    ) -> Iterator[tuple[list[dict[str, str]], str]]:
-        """Stream one answer into the chat: (messages, text box). A question the library refuses
-        stays in the box with a warning saying why; the conversation is unchanged."""
-        with conv.turn() as cancel:
-            before = display(conv.session.messages)
-            asked = {"role": "user", "content": question}
-            yield [*before, asked, {"role": "assistant", "content": waiting}], ""
-            answer = ""
-            pieces = start(cancel)
-            try:
-                for piece in pieces:
-                    answer += piece
-                    yield [*before, asked, {"role": "assistant", "content": answer}], ""
-            except (LlamaAdapterError, KeyError) as e:
-                gr.Warning(plain(e))
-                yield display(conv.session.messages), question
-                return
-            finally:
-                pieces.close()
-            # The session's own record (it may have dropped the oldest turns to fit the context), sent
-            # while the lock is held so that an Undo waiting for it cannot be overtaken by it.
-            yield display(conv.session.messages), ""
-
-    # -- chat tab handlers --
-
-    def new_chat(system: str | None) -> Conversation:
-        return Conversation(pipe.chat(system=(system or "").strip() or None))
-
-    def use_system(session: ChatSession, system: str | None) -> None:
-        # The KV cache is matched by prefix, so editing the system prompt mid-conversation only costs a prefill.
-        rest = [m for m in session.messages if m["role"] != "system"]
-        system = (system or "").strip()
-        session.messages[:] = ([{"role": "system", "content": system}] if system else []) + rest
-
-    @gpu
-    def chat_send(
-        message: str,
-        conv: Conversation | None,
-        system: str | None,
-        temperature: float,
-        top_p: float,
-        tokens: float,
-        seed: float,
-    ) -> Iterator[tuple[list[dict[str, str]], str, Conversation]]:
-        conv = conv or new_chat(system)
-        use_system(conv.session, system)
-        params = sampling(temperature, top_p, tokens, seed)
-        for messages, box in stream_turn(conv, message, lambda c: conv.session.stream(message, cancel=c, **params)):
-            yield messages, box, conv
-
-    @gpu
-    def chat_retry(
-        conv: Conversation | None, system: str | None, temperature: float, top_p: float, tokens: float, seed: float
-    ) -> Iterator[tuple[list[dict[str, str]], str, Conversation | None]]:
-        asked = [m["content"] for m in conv.session.messages if m["role"] == "user"] if conv else []
-        if not asked:
-            gr.Warning("There is no question to answer again yet.")
-            yield display(conv.session.messages) if conv else [], "", conv
-            return
-        with conv.paused():
-            conv.session.undo()
-        yield from chat_send(asked[-1], conv, system, temperature, top_p, tokens, seed)
-
-    def chat_undo(conv: Conversation | None) -> list[dict[str, str]]:
-        if conv is None:
-            return []
-        with conv.paused():
-            conv.session.undo()
-        return display(conv.session.messages)
-
-    def chat_clear(conv: Conversation | None, system: str | None) -> tuple[list[dict[str, str]], Conversation]:
-        if conv is not None:
-            conv.cancel.set()
-        return [], new_chat(system)
-
-    def stop(conv: Conversation | None) -> None:
-        if conv is not None:
-            conv.cancel.set()
-
-    # -- image tab handlers --
-
-    def new_image_chat() -> Conversation:
-        return Conversation(ImageChat(pipe, registry=registry))
-
-    def seen(conv: Conversation) -> tuple[str, str]:
-        return report_markdown(conv.session), conv.session.last_prompt or ""
-
-    def image_set(image: FileData | dict | None, conv: Conversation | None) -> tuple[Any, ...]:
-        conv = conv or new_image_chat()
-        path = upload_path(image, allowed_dirs)
-        if path is not None and path == conv.upload:
-            # Gradio's image fires a second change when a bad file replaces a good one: one warning is enough.
-            return (gr.skip(),) * 5
-        conv.upload = path
-        rejected = False
-        with conv.paused():
-            try:
-                conv.session.set_image(path)
-            except LlamaAdapterError as e:
-                gr.Warning(plain(e))
-                conv.session.set_image(None)
-                rejected = True
-        # Clearing a rejected image fires this event again, with no image: the session follows.
-        return [], *seen(conv), gr.update(value=None) if rejected else gr.update(), conv
-
-    @gpu
-    def image_ask(
-        question: str,
-        chosen: list[str],
-        conv: Conversation | None,
-        temperature: float,
-        top_p: float,
-        tokens: float,
-        seed: float,
-    ) -> Iterator[tuple[Any, ...]]:
-        conv = conv or new_image_chat()
-        params = sampling(temperature, top_p, tokens, seed)
-        names = ", ".join(label for label, kind in expert_choices(registry) if kind in chosen)
-        waiting = f"_Reading the image: {names}…_" if names else ""
-        start = lambda c: conv.session.stream(question, chosen, cancel=c, **params)  # noqa: E731
-        for messages, box in stream_turn(conv, question, start, waiting):
-            yield messages, box, *seen(conv), conv
-        skipped_warnings(conv.session.last_report)
-
-    def image_undo(conv: Conversation | None) -> tuple[Any, ...]:
-        conv = conv or new_image_chat()
-        with conv.paused():
-            conv.session.undo()
-        return display(conv.session.messages), *seen(conv)
-
-    def image_clear(conv: Conversation | None) -> tuple[Any, ...]:
-        conv = conv or new_image_chat()
-        with conv.paused():
-            conv.session.reset()
-        return [], *seen(conv)
-
-    @gpu
-    def image_compare(
-        question: str,
-        chosen: list[str],
-        conv: Conversation | None,
-        temperature: float,
-        top_p: float,
-        tokens: float,
-        seed: float,
-        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects progress through this default
-    ) -> tuple[Any, ...]:
-        unchanged = (gr.skip(),) * 6
-        image = conv.session.image if conv else None
-        asked = [m["content"] for m in conv.session.messages if m["role"] == "user"] if conv else []
-        question = (question or "").strip() or (asked[-1] if asked else "")  # the box is emptied after Ask
-        if image is None:
-            gr.Warning("There is no image yet: upload, paste or photograph one first.")
-            return unchanged
-        if not chosen:
-            gr.Warning("Choose OCR or Caption (or both) to compare against.")
-            return unchanged
-        params = sampling(temperature, top_p, tokens, seed)
-        params["seed"] = 0 if params["seed"] is None else params["seed"]  # both answers need the same seed
-        progress(0, desc="Running the experts, then answering twice…")
-        try:
-            result = compare(pipe, question, image, [chosen], registry=registry, **params)
-        except (LlamaAdapterError, KeyError) as e:
-            gr.Warning(plain(e))
-            return unchanged
-        skipped_warnings(result.experts)
-        panes: list[str] = []
-        for variant in result.variants:
-            title = "Without experts" if not variant.experts else "With " + " + ".join(r.label for r in variant.report)
-            skipped = f" (skipped: {', '.join(variant.skipped)})" if variant.skipped else ""
-            panes += [f"#### {title} · {variant.seconds:.2f} s{skipped}", variant.answer.strip() or "_(empty answer)_"]
-        return *panes, result.baseline.prompt, result.variants[1].prompt
-
-    # -- API endpoints (plain data in and out, for gradio_client) --
-
-    @gpu
-    def chat_api(
-        message: str,
-        history: list[dict],
-        system: str = "",
-        max_new_tokens: int = min(256, most_tokens),
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        seed: int | None = None,
-    ) -> Iterator[str]:
-        """Answer `message` after `history` (a list of {"role", "content"} messages); streams the answer as it grows."""
-        messages = [*([{"role": "system", "content": system}] if system else []), *history]
-        messages.append({"role": "user", "content": message})
-        answer = None
-        try:
-            for piece in pipe.stream(messages, **sampling(temperature, top_p, max_new_tokens, seed)):
-                answer = (answer or "") + piece
-                yield answer
-        except LlamaAdapterError as e:
-            raise gr.Error(plain(e), print_exception=False) from e
-        if answer is None:
-            yield ""
-
-    @gpu
-    def describe_image_api(
-        image: FileData,
-        instruction: str,
-        experts: list[str] | None = None,
-        max_new_tokens: int = min(128, most_tokens),
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = 0,
-    ) -> dict:
-        """Answer `instruction` about `image` with the text of `experts` ("ocr", "caption") in the prompt.
-        Returns the answer, the exact prompt, each expert's text and status, and the answer's seconds."""
-        try:
-            result = describe(
-                pipe,
-                upload_path(image, allowed_dirs),
-                instruction,
-                experts or (),
-                registry=registry,
-                **sampling(temperature, top_p, max_new_tokens, seed),
-            )
-        except (LlamaAdapterError, KeyError) as e:
-            raise gr.Error(plain(e), print_exception=False) from e
-        return result.to_dict()
-
-    @gpu
-    def compare_api(
-        image: FileData,
-        instruction: str,
-        experts: list[str],
-        max_new_tokens: int = min(128, most_tokens),
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
-    ) -> dict:
-        """Answer `instruction` about `image` without experts and with `experts`, same seed. Returns
-        "variants" (no experts first), each with its label, prompt, answer and seconds, and the experts' texts."""
-        if not experts:
-            raise gr.Error('Name at least one expert to compare with, e.g. ["ocr"].', print_exception=False)
-        params = sampling(temperature, top_p, max_new_tokens, seed)
-        params["seed"] = 0 if params["seed"] is None else params["seed"]  # both answers need the same seed
-        try:
-            path = upload_path(image, allowed_dirs)
-            result = compare(pipe, instruction, path, [experts], registry=registry, **params)
-        except (LlamaAdapterError, KeyError) as e:
-            raise gr.Error(plain(e), print_exception=False) from e
-        return result.to_dict()
-
-    # -- layout and wiring --
-
     with gr.Blocks(title="LLaMA-Adapter V2") as demo:
         gr.Markdown(header_markdown(pipe, queue_size), elem_id="header")
+        state = gr.State(None)
 
-        with gr.Tab("Chat", id="chat"):
-            chat_state = gr.State(None)
-            chatbot = gr.Chatbot(
-                height=460,
-                label="Conversation",
-                buttons=["copy"],
-                placeholder="Ask anything. Answers stream as they are written.",
-                elem_id="chatbot",
+        with gr.Sidebar(elem_id="side-panel"):
+            experts = gr.CheckboxGroup(
+                choices=expert_choices(registry),
+                label="Experts",
+                info="They read each new image; their text joins the prompt and shows as a step in the chat.",
+                elem_id="experts",
             )
-            with gr.Row():
-                chat_box = gr.Textbox(
-                    "",
-                    placeholder="Type a message and press Enter",
+            system = gr.Textbox(
+                "",
+                label="System prompt",
+                placeholder="e.g. You are a concise assistant.",
+                lines=2,
+                max_length=MAX_MESSAGE_CHARS,
+                elem_id="system",
+            )
+            with gr.Accordion("Sampling", open=True, elem_id="sampling"):
+                temperature = gr.Slider(
+                    0.0, 1.5, value=0.7, step=0.05, label="Temperature", info="0 = greedy", elem_id="temperature"
+                )
+                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+                tokens = gr.Slider(
+                    1, most_tokens, value=min(256, most_tokens), step=1, label="Max new tokens", elem_id="max-tokens"
+                )
+                seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed", info="-1 = random")
+        settings = [system, experts, temperature, top_p, tokens, seed]
+
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                if not pipe.accepts_images:
+                    gr.Markdown(
+                        "This model has no image encoder, so it cannot see pictures itself. Turn on **OCR** or "
+                        "**Caption** in the side panel: their text about an image is what it will read.",
+                        elem_id="text-only-note",
+                    )
+                with gr.Row():
+                    chatbot = gr.Chatbot(
+                        height=560,
+                        label="Conversation",
+                        buttons=["copy"],
+                        editable="user",
+                        placeholder="Ask anything, and attach a picture to ask about it. A later picture starts a "
+                        "new visual context; the conversation goes on.",
+                        elem_id="chatbot",
+                        scale=4,
+                    )
+                    with gr.Column(scale=1, min_width=200):
+                        in_view = gr.Image(
+                            label="Image in view", interactive=False, height=200, buttons=[], elem_id="in-view"
+                        )
+                        in_view_note = gr.Markdown(NO_IMAGE, elem_id="in-view-note")
+                box = gr.MultimodalTextbox(
+                    placeholder="Type a message; attach, paste or drop images (the model takes one per message)",
+                    file_types=["image"],
+                    file_count="multiple",
+                    sources=["upload"],
+                    max_plain_text_length=MAX_MESSAGE_CHARS,
                     show_label=False,
-                    max_length=MAX_MESSAGE_CHARS,
-                    scale=8,
                     autofocus=True,
                     elem_id="chat-input",
                 )
-                chat_send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
-            with gr.Row():
-                chat_stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="chat-stop")
-                chat_retry_btn = gr.Button("Retry", size="sm", elem_id="chat-retry")
-                chat_undo_btn = gr.Button("Undo", size="sm", elem_id="chat-undo")
-                chat_clear_btn = gr.Button("Clear", size="sm", elem_id="chat-clear")
-            with gr.Accordion("System prompt", open=False, elem_id="chat-system"):
-                system_box = gr.Textbox(
-                    "",
-                    placeholder="e.g. You are a concise assistant.",
-                    show_label=False,
-                    lines=2,
-                    max_length=MAX_MESSAGE_CHARS,
-                )
-            chat_sampling = sampling_controls(
-                "chat", temperature=0.7, top_p=0.9, max_new_tokens=256, seed=-1, most=most_tokens
-            )
-            gr.Examples(CHAT_EXAMPLES, inputs=[chat_box], label="Try")
-
-        with gr.Tab("Image", id="image"):
-            image_state = gr.State(None)
-            if not pipe.accepts_images:
-                gr.Markdown(
-                    "ℹ️ This model has no image encoder, so it cannot see pictures itself. Turn on **OCR** or "
-                    "**Caption**: their text about the image is what it will read.",
-                    elem_id="text-only-note",
-                )
-            question = gr.Textbox(
-                "",
-                placeholder="Ask about the image and press Enter",
-                show_label=False,
-                max_length=MAX_MESSAGE_CHARS,
-                elem_id="image-question",
-                render=False,
-            )
-            with gr.Row():
-                with gr.Column(scale=2):
-                    image = gr.Image(
-                        sources=["upload", "clipboard", "webcam"],
-                        type="filepath",
-                        label="Image (upload, paste or webcam)",
-                        height=320,
-                        elem_id="image-input",
-                    )
-                    chosen_experts = gr.CheckboxGroup(
-                        choices=expert_choices(registry),
-                        label="Experts",
-                        info="Their text about the image joins the prompt.",
-                        elem_id="experts",
-                    )
-                    if image_examples:
-                        gr.Examples(
-                            image_examples,
-                            inputs=[image, question],
-                            label="Examples: click one (for the ones with text, turn on OCR)",
-                            examples_per_page=12,
-                            visible_columns=[0],  # thumbnails only; a click also fills in its question
-                            elem_id="image-examples",
-                        )
-                with gr.Column(scale=3):
-                    image_chatbot = gr.Chatbot(
-                        height=380,
-                        label="Conversation about the image",
-                        buttons=["copy"],
-                        placeholder="Add an image, then ask about it. Follow-up questions are about the same image.",
-                        elem_id="image-chatbot",
-                    )
-                    question.render()
-                    with gr.Row():
-                        ask_btn = gr.Button("Ask", variant="primary", elem_id="image-ask")
-                        compare_btn = gr.Button("Compare without / with experts", elem_id="compare-btn")
-                    with gr.Row():
-                        image_stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="image-stop")
-                        image_undo_btn = gr.Button("Undo", size="sm", elem_id="image-undo")
-                        image_clear_btn = gr.Button("Clear", size="sm", elem_id="image-clear")
-                    image_sampling = sampling_controls(
-                        "image", temperature=0.0, top_p=1.0, max_new_tokens=128, seed=0, most=most_tokens
-                    )
-            with gr.Accordion("What the model saw", open=True):
                 with gr.Row():
-                    seen_experts = gr.Markdown(NOTHING_SEEN, elem_id="seen-experts")
-                    seen_prompt = gr.Code(
-                        label="The exact prompt text",
-                        language=None,
-                        wrap_lines=True,
-                        show_line_numbers=False,
-                        interactive=False,
-                        elem_id="seen-prompt",
+                    stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="chat-stop")
+                    retry_btn = gr.Button("Retry", size="sm", elem_id="chat-retry")
+                    undo_btn = gr.Button("Undo", size="sm", elem_id="chat-undo")
+                    clear_btn = gr.Button("Clear", size="sm", elem_id="chat-clear")
+                if image_examples:
+                    gr.Examples(
+                        [[{"text": question, "files": [image]}] for image, question in image_examples],
+                        inputs=[box],
+                        label="Ask about a picture (for the signs, labels and receipts, turn on OCR)",
+                        examples_per_page=6,
+                        elem_id="image-examples",
                     )
-            with gr.Accordion("Compare: the same question without and with the chosen experts", open=True):
+                gr.Examples([[{"text": q, "files": []}] for q in CHAT_EXAMPLES], inputs=[box], label="Or just chat")
+                # The place for an "Inside this answer" accordion (llama_adapter.explain), drawn on request.
+
+            with gr.Tab("Compare", id="compare") as compare_tab:
+                gr.Markdown(
+                    "The same question about the chat's image in view, answered without and with the experts "
+                    "chosen in the side panel, with the same seed."
+                )
+                with gr.Row():
+                    compare_image = gr.Image(
+                        label="The chat's image in view", interactive=False, height=200, elem_id="compare-image"
+                    )
+                    with gr.Column(scale=3):
+                        compare_question = gr.Textbox(
+                            label="Question", max_length=MAX_MESSAGE_CHARS, elem_id="compare-question"
+                        )
+                        compare_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
+                panes = {}
                 with gr.Row(elem_id="compare-row"):
-                    with gr.Column():
-                        without_title = gr.Markdown("#### Without experts", elem_id="compare-without-title")
-                        without_answer = gr.Markdown(NOT_COMPARED, elem_id="compare-without")
-                        without_prompt = gr.Code(
-                            label="Prompt", language=None, wrap_lines=True, show_line_numbers=False, interactive=False
-                        )
-                    with gr.Column():
-                        with_title = gr.Markdown("#### With experts", elem_id="compare-with-title")
-                        with_answer = gr.Markdown(NOT_COMPARED, elem_id="compare-with")
-                        with_prompt = gr.Code(
-                            label="Prompt", language=None, wrap_lines=True, show_line_numbers=False, interactive=False
-                        )
+                    for side, title in (("without", "Without experts"), ("with", "With experts")):
+                        with gr.Column():
+                            panes[side] = (
+                                gr.Markdown(f"#### {title}", elem_id=f"compare-{side}-title"),
+                                gr.Markdown(NOT_COMPARED, elem_id=f"compare-{side}"),
+                                gr.Code(
+                                    label="Prompt",
+                                    language=None,
+                                    wrap_lines=True,
+                                    show_line_numbers=False,
+                                    interactive=False,
+                                ),
+                            )
 
-        # Chat tab
-        chat_event = gr.on(
-            [chat_box.submit, chat_send_btn.click],
-            chat_send,
-            [chat_box, chat_state, system_box, *chat_sampling],
-            [chatbot, chat_box, chat_state],
+        page = Page(state, chatbot, box, in_view, in_view_note, compare_image, compare_question, panes)
+        on = Handlers(pipe, registry, page, allowed_dirs)
+        chat_outputs = [state, chatbot, box, in_view, in_view_note]
+        sent = box.submit(on.send, [box, state, *settings], chat_outputs, api_visibility="private", **model)
+        retried = gr.on(
+            [retry_btn.click, chatbot.retry],
+            on.retry,
+            [state, *settings],
+            chat_outputs,
             api_visibility="private",
             **model,
         )
-        retry_event = chat_retry_btn.click(
-            chat_retry,
-            [chat_state, system_box, *chat_sampling],
-            [chatbot, chat_box, chat_state],
-            api_visibility="private",
-            **model,
-        )
+        edited = chatbot.edit(on.edit, [state, *settings], chat_outputs, api_visibility="private", **model)
         # Stop, Undo and Clear run at once, outside the queue, and also stop the answer being written.
-        chat_running = [chat_event, retry_event]
-        chat_stop_btn.click(stop, [chat_state], None, cancels=chat_running, **instant)
-        chat_undo_btn.click(chat_undo, [chat_state], [chatbot], cancels=chat_running, **instant)
-        for clear in (chat_clear_btn.click, chatbot.clear):
-            clear(chat_clear, [chat_state, system_box], [chatbot, chat_state], cancels=chat_running, **instant)
+        # The browser cancels before it calls their handler: a cancel listed on the handler's own
+        # event would go out after the handler's reply, and could catch a message sent meanwhile.
+        stops = {"stop": [stop_btn.click], "undo": [undo_btn.click, chatbot.undo]}
+        stops["clear"] = [clear_btn.click, chatbot.clear]
+        for name, triggers in stops.items():
+            gr.on(triggers, None, cancels=[sent, retried, edited], **instant)
+            gr.on(triggers, getattr(on, name), [state], chat_outputs, **instant)
 
-        # Image tab
-        seen_outputs = [seen_experts, seen_prompt]
-        ask_event = gr.on(
-            [question.submit, ask_btn.click],
-            image_ask,
-            [question, chosen_experts, image_state, *image_sampling],
-            [image_chatbot, question, *seen_outputs, image_state],
+        compare_tab.select(on.show_compare, [state, compare_question], [compare_image, compare_question], **instant)
+        compare_btn.click(
+            on.compare_side_by_side,
+            [compare_question, state, experts, temperature, top_p, tokens, seed],
+            [box for pane in panes.values() for box in pane],
+            show_progress_on=[panes["without"][1], panes["with"][1]],
             api_visibility="private",
             **model,
         )
-        compare_event = compare_btn.click(
-            image_compare,
-            [question, chosen_experts, image_state, *image_sampling],
-            [without_title, without_answer, with_title, with_answer, without_prompt, with_prompt],
-            show_progress_on=[without_answer, with_answer],
-            api_visibility="private",
-            **model,
-        )
-        image_running = [ask_event, compare_event]
-        image.change(
-            image_set,
-            [image, image_state],
-            [image_chatbot, *seen_outputs, image, image_state],
-            preprocess=False,
-            api_visibility="private",
-            **model,
-        )  # Queued, not cancelling: a question asked right after an upload must run after it, on the new image.
-        image_stop_btn.click(stop, [image_state], None, cancels=image_running, **instant)
-        image_undo_btn.click(
-            image_undo, [image_state], [image_chatbot, *seen_outputs], cancels=image_running, **instant
-        )
-        for clear in (image_clear_btn.click, image_chatbot.clear):
-            clear(image_clear, [image_state], [image_chatbot, *seen_outputs], cancels=image_running, **instant)
 
-        gr.api(chat_api, api_name="chat", **model)
-        gr.api(describe_image_api, api_name="describe_image", **model)
-        gr.api(compare_api, api_name="compare", **model)
+        gr.api(on.chat_api, api_name="chat", **model)
+        gr.api(on.chat_multimodal_api, api_name="chat_multimodal", **model)
+        gr.api(on.describe_image_api, api_name="describe_image", **model)
+        gr.api(on.compare_api, api_name="compare", **model)
 
     demo.queue(default_concurrency_limit=1, max_size=queue_size)
     return demo
@@ -826,7 +1006,7 @@ def launch(
     api: APIRouter | None = None,
     **kwargs: Any,
 ) -> Any:
-    """``demo.launch`` with the app's theme, upload limit and :class:`UploadsOnly` door (Gradio 6 takes
+    """``demo.launch`` with the app's theme and css, upload limit and :class:`UploadsOnly` door (Gradio 6 takes
     the theme here, not in Blocks), and the ``api`` routes (the OpenAI-compatible ``/v1``, which
     check their own images) on the same server, ahead of Gradio's own."""
     from starlette.middleware import Middleware
@@ -836,6 +1016,7 @@ def launch(
         server_name=host,
         server_port=port,
         theme=gr.themes.Soft(primary_hue="indigo"),
+        css=CSS,
         max_file_size=MAX_FILE_SIZE,
         app_kwargs={"middleware": [door], "routes": list(api.routes) if api is not None else []},
         **kwargs,

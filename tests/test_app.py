@@ -1,5 +1,6 @@
 """The Gradio app through its API, as gradio_client sees it: streamed chat, multi-turn history,
-describe_image with OCR, compare, plain error messages; its wiring, flags and ``python app.py``."""
+a multimodal chat with images turn by turn, describe_image with OCR, compare, plain error messages;
+the page's shape and wiring, how a conversation is shown, flags and ``python app.py``."""
 
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw, ImageFont
-from test_image_chat import visual_pipeline
+from test_image_chat import CIRCLE, TRIANGLE, visual_pipeline
 
 import app
 import llama_adapter.cli
 import llama_adapter.engine
-from experts import Availability, Expert, Registry, default_registry, run_experts
+from experts import Availability, Expert, MultimodalChat, Registry, default_registry, run_experts
 from llama_adapter import CheckpointError, Pipeline
 from llama_adapter import serve as openai_api
 from llama_adapter.engine import EngineConfig
@@ -122,14 +123,32 @@ def client(served: Served) -> Client:
 # -- the API ---------------------------------------------------------------------------------------------
 
 
-def test_the_api_has_three_named_endpoints(client):
+def test_the_api_has_four_named_endpoints(client):
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    assert set(endpoints) == {"/chat", "/describe_image", "/compare"}  # UI events are private
+    assert set(endpoints) == {"/chat", "/chat_multimodal", "/describe_image", "/compare"}  # UI events are private
     assert [p["parameter_name"] for p in endpoints["/describe_image"]["parameters"]][:3] == [
         "image",
         "instruction",
         "experts",
     ]
+    for name in ("/chat", "/chat_multimodal"):
+        message, history = endpoints[name]["parameters"][:2]
+        assert (message["parameter_name"], history["parameter_name"]) == ("message", "history")
+        assert not message["parameter_has_default"] and history["parameter_has_default"]
+
+
+def test_the_page_is_one_multimodal_chat_and_a_compare_tab(served):
+    config = served.demo.get_config_file()
+    kinds = [c["type"] for c in config["components"]]
+    assert kinds.count("multimodaltextbox") == 1 and kinds.count("chatbot") == 1
+    tabs = [c["props"]["label"] for c in config["components"] if c["type"] == "tabitem"]
+    assert tabs == ["Chat", "Compare"]
+    # No image input of its own: images come with messages (the Image components only show the one in view).
+    assert all(not c["props"].get("interactive") for c in config["components"] if c["type"] == "image")
+    [box] = [c for c in config["components"] if c["type"] == "multimodaltextbox"]
+    assert box["props"]["file_types"] == ["image"] and box["props"]["sources"] == ["upload"]
+    [chatbot] = [c for c in config["components"] if c["type"] == "chatbot"]
+    assert chatbot["props"]["editable"] == "user"
 
 
 def test_chat_streams_the_answer_in_several_pieces(client, served):
@@ -157,31 +176,78 @@ def page_event(served: Served, name: str):
     return next(fn.fn for fn in served.demo.fns.values() if fn.name == name)
 
 
-def test_chat_tab_answers_after_retry_undo_and_a_new_system_prompt_equal_a_fresh_generate(served):
-    """The chat tab's Send, Retry and Undo and its system prompt box, as the page calls them: each
-    answer after the session's cache was cut back is exactly generate's for the same messages."""
-    send, retry, undo = (page_event(served, name) for name in ("chat_send", "chat_retry", "chat_undo"))
-    settings = (0.0, 1.0, 12, 0)  # temperature, top_p, max new tokens, seed
+def test_chat_answers_after_retry_undo_and_a_new_system_prompt_equal_a_fresh_generate(served):
+    """The chat's Send, Retry and Undo and its system prompt box, as the page calls them: each answer
+    after the session's cache was cut back is exactly generate's for what the model read."""
+    send, retry, undo = (page_event(served, name) for name in ("send", "retry", "undo"))
+    settings = ([], 0.0, 1.0, 12, 0)  # experts, temperature, top_p, max new tokens, seed
 
     def answered(events) -> tuple[app.Conversation, str]:
-        *_, (messages, box, conv) = events
-        assert messages[-1]["content"] == conv.session.messages[-1]["content"] and box == ""
-        return conv, messages[-1]["content"]
+        *_, last = events
+        conv = next(v for v in last.values() if isinstance(v, app.Conversation))
+        shown = next(v for c, v in last.items() if isinstance(c, gr.Chatbot))
+        assert shown[-1]["content"] == conv.chat.messages[-1]["content"]
+        return conv, shown[-1]["content"]
 
     def fresh(conv: app.Conversation) -> str:
-        return served.pipe.generate(conv.session.messages[:-1], max_new_tokens=12)
+        return served.pipe.generate(conv.chat.session.read()[:-1], max_new_tokens=12)
+
+    def message(text: str) -> dict:
+        return {"text": text, "files": []}
 
     system = "You are terse."
-    conv, _ = answered(send("Name three colours.", None, system, *settings))
-    conv, _ = answered(send("What shape is a wheel?", conv, system, *settings))
+    conv, _ = answered(send(message("Name three colours."), None, system, *settings))
+    conv, _ = answered(send(message("What shape is a wheel?"), conv, system, *settings))
     conv, answer = answered(retry(conv, system, *settings))
     assert answer == fresh(conv), "after Retry"
     undo(conv)
-    conv, answer = answered(send("Count to five.", conv, system, *settings))
+    conv, answer = answered(send(message("Count to five."), conv, system, *settings))
     assert answer == fresh(conv), "after Undo"
-    conv, answer = answered(send("And to six?", conv, "Answer in French.", *settings))
-    assert conv.session.messages[0] == {"role": "system", "content": "Answer in French."}
+    conv, answer = answered(send(message("And to six?"), conv, "Answer in French.", *settings))
+    assert conv.chat.messages[0] == {"role": "system", "content": "Answer in French."}
     assert answer == fresh(conv), "after a new system prompt"
+
+
+def test_chat_history_is_optional(client, served):
+    assert client.predict("Say hi.", max_new_tokens=4, temperature=0.0, api_name="/chat") == served.pipe.generate(
+        "Say hi.", max_new_tokens=4
+    )
+
+
+def test_chat_multimodal_turn_by_turn_as_the_browser_does(client, served):
+    """text → circle → text → triangle → text through gradio_client: each answer is about the image in
+    view, and is what the library's MultimodalChat answers for the same conversation."""
+    history: list[dict] = []
+    chat = MultimodalChat(served.pipe, registry=served.registry)
+    steps = [
+        ("Name three colours.", [], None),
+        ("What shape is in the image?", [CIRCLE], "circle"),
+        ("What shape is it?", [], "circle"),
+        ("What shape is in the image?", [TRIANGLE], "triangle"),
+        ("What shape is it?", [], "triangle"),
+    ]
+    for text, files, shape in steps:
+        message = {"text": text, "files": [handle_file(f) for f in files]}
+        answer = client.predict(message, history, max_new_tokens=12, temperature=0.0, api_name="/chat_multimodal")
+        assert answer == chat.ask(text, [str(f) for f in files], max_new_tokens=12, temperature=0.0), text
+        if shape:
+            other = "triangle" if shape == "circle" else "circle"
+            assert shape in answer.lower() and other not in answer.lower(), (text, answer)
+        history += [
+            {"role": "user", "content": text, "files": [handle_file(f) for f in files]},
+            {"role": "assistant", "content": answer},
+        ]
+
+
+def test_chat_multimodal_with_experts_and_images_only(client, served):
+    sign = {"text": "What does the sign say?", "files": [handle_file(served.sign)]}
+    answer = client.predict(sign, [], experts=["ocr"], **FAST, api_name="/chat_multimodal")
+    chat = MultimodalChat(served.pipe, registry=served.registry)
+    assert answer == chat.ask("What does the sign say?", [str(served.sign)], ["ocr"], **FAST)
+    assert "24 HOURS" in chat.last_turn.prompt
+    # A message with an image and no text asks the default question.
+    described = client.predict({"text": "", "files": [handle_file(CIRCLE)]}, **FAST, api_name="/chat_multimodal")
+    assert described == served.pipe.generate(app.DEFAULT_QUESTION, image=CIRCLE, **FAST)
 
 
 def test_describe_image_with_ocr_returns_the_expert_text_and_an_answer(client, served):
@@ -238,10 +304,23 @@ def bad_images(tmp_path_factory) -> dict[str, Path]:
         ("/compare", ("good", "What is it?", []), "at least one expert"),
         ("/chat", ("word " * 9000, []), "Shorten it"),
         ("/chat", ("", []), "message is empty"),
+        ("/chat_multimodal", ("What is it?", []), "must be"),
+        ("/chat_multimodal", ({"text": "What is it?", "files": ["notes"]}, []), "not an image Pillow can read"),
+        ("/chat_multimodal", ({"text": "What is it?", "files": "notes"}, []), "files must be a list"),
+        ("/chat_multimodal", ({"text": "", "files": []}, []), "message is empty"),
+        ("/chat_multimodal", ({"text": "Hi"}, [{"role": "wizard", "content": "x"}]), "role of system, user"),
+        ("/chat_multimodal", ({"text": "Hi", "files": ["good"]}, [], "", ["telepathy"]), "Unknown expert"),
     ],
 )
 def test_bad_input_gets_a_plain_message_and_the_app_goes_on(client, bad_images, endpoint, args, message):
-    args = tuple(handle_file(bad_images[a]) if isinstance(a, str) and a in bad_images else a for a in args)
+    def upload(value):
+        if isinstance(value, str) and value in bad_images:
+            return handle_file(bad_images[value])
+        if isinstance(value, dict) and isinstance(value.get("files"), list):
+            return {**value, "files": [upload(f) for f in value["files"]]}
+        return value
+
+    args = tuple(upload(a) for a in args)
     with pytest.raises(AppError, match=message):
         client.predict(*args, api_name=endpoint)
     assert isinstance(client.predict("Say hi.", [], max_new_tokens=2, api_name="/chat"), str)  # still serving
@@ -272,16 +351,51 @@ def test_the_openai_api_answers_on_the_apps_port(served):
 
 
 def test_model_events_share_one_queue_slot_and_the_queue_is_bounded(served):
-    model_fns = {"chat_send", "chat_retry", "image_set", "image_ask", "image_compare"}
-    model_fns |= {"chat_api", "describe_image_api", "compare_api"}
+    model_fns = {"send", "retry", "edit", "compare_side_by_side"}
+    model_fns |= {"chat_api", "chat_multimodal_api", "describe_image_api", "compare_api"}
     fns = [fn for fn in served.demo.fns.values() if fn.name in model_fns]
     assert {fn.name for fn in fns} == model_fns
     # As many model events run at once as the engine decodes together; the rest wait in Gradio's queue.
     slots = served.pipe.engine.config.max_batch
     assert all(fn.concurrency_id == "model" and fn.concurrency_limit == slots for fn in fns)
-    instant = [fn for fn in served.demo.fns.values() if fn.name in ("stop", "chat_undo", "image_undo", "image_clear")]
-    assert instant and not any(fn.queue for fn in instant)  # Stop, Undo, Clear do not wait behind answers
+    instant = [fn for fn in served.demo.fns.values() if fn.name in ("stop", "undo", "clear", "show_compare")]
+    assert len(instant) == 4 and not any(fn.queue for fn in instant)  # they do not wait behind answers
     assert served.demo._queue.max_size == app.QUEUE_SIZE
+
+
+def test_the_chat_shows_images_experts_and_prompts_as_steps(served):
+    """How a conversation is drawn: each image's step says whether it is in view, which of several
+    attached was used; each expert's step its text and time (or "cached", or why it was skipped);
+    the exact prompt one click away."""
+    chat = MultimodalChat(served.pipe, registry=served.registry)
+    chat.ask("What does the sign say?", [str(served.sign)], ["ocr", "flaky"], **FAST)
+    chat.ask("Is it open at night?", experts=["ocr"], **FAST)
+    chat.ask("What shape is in the image?", [str(served.sign), str(CIRCLE)], **FAST)
+    shown = app.conversation(chat)
+    titles = [m["metadata"]["title"] for m in shown if m.get("metadata")]
+    ocr = next(r for r in chat.turns[0].experts if r.name == "ocr-easyocr")
+    assert titles == [
+        "Image 1: sign.png · replaced by a later image",
+        ocr.label,
+        "Flaky captioner: skipped",
+        "The exact prompt",
+        f"{ocr.label}: read this image already",
+        "The exact prompt",
+        "Image 2: circle.png · in view (the last of 2 attached)",
+        "The exact prompt",
+    ]
+    steps = [m for m in shown if m.get("metadata")]
+    assert "24 HOURS" in steps[1]["content"] and ("duration" in steps[1]["metadata"]) != ocr.cached
+    assert "crashed" in steps[2]["content"] and steps[2]["metadata"]["log"] == "failed"
+    assert "Not read: sign.png" in steps[6]["content"]
+    assert steps[7]["content"] == app.fenced(chat.turns[2].prompt) and "sign" not in chat.turns[2].prompt
+    users = [m["content"] for m in shown if m["role"] == "user"]
+    assert users[3:] == ["What shape is in the image?", {"path": str(served.sign)}, {"path": str(CIRCLE)}]
+    assert app.asked_before(shown, shown.index({"role": "user", "content": "What shape is in the image?"})) == 2
+    answers = [m["content"] for m in shown if m["role"] == "assistant" and not m.get("metadata")]
+    assert answers == [m["content"] for m in chat.messages if m["role"] == "assistant"]
+    image, note = app.image_in_view(chat)
+    assert image == str(CIRCLE) and note.startswith("**Image 2** (circle.png)")
 
 
 def test_the_header_names_base_adapter_and_precision(served):
@@ -291,7 +405,7 @@ def test_the_header_names_base_adapter_and_precision(served):
     assert info["dtype"] in header and "sees images" in header
 
 
-def test_a_text_only_model_gets_a_polite_note_in_the_image_tab(smol):
+def test_a_text_only_model_gets_a_polite_note_in_the_chat(smol):
     demo = app.build_demo(smol, registry=Registry([Flaky()]), examples_dir=Path("/nonexistent"))
     notes = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "text-only-note"]
     assert len(notes) == 1 and "cannot see pictures" in notes[0].value

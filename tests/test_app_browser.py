@@ -1,10 +1,12 @@
-"""The app in a real browser (Playwright driving Debian's chromium): chat with streaming, Stop and Undo;
-an example image with OCR, the panel of what the model saw, Compare; a corrupt upload. Screenshots
-go to test-artifacts/."""
+"""The app in a real browser (Playwright driving Debian's chromium): a text chat with streaming, Stop,
+Undo and Retry; an image attached to a message, a text follow-up about it, a second image in a later
+turn (each answer about the image in view), Edit; the OCR expert as a step with the exact prompt;
+Compare on the chat's image; a corrupt upload; an example. Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Iterator
 
 import pytest
 from test_app import ROOT, SIGN_TEXT, Served, serve
+from test_image_chat import CIRCLE, TRIANGLE
 
 from experts.base import DEFAULT_CACHE
 
@@ -28,6 +31,10 @@ BROWSER_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+ANSWERS = "#chatbot [data-testid=bot]:not(:has(.thought-group))"
+QUESTIONS = "#chatbot [data-testid=user]"
+STEP = "#chatbot [data-testid=bot]:has(.thought-group)"  # a foldable step before an answer
+STEPS = f"{STEP} .title"
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,11 @@ def texts(page, selector: str) -> list[str]:
     return page.locator(selector).all_inner_texts()
 
 
-def wait_until(condition, timeout: float = 120, every: float = 0.1):
+def questions(page) -> list[str]:
+    return [t for t in texts(page, QUESTIONS) if t.strip()]  # a picture's own bubble has no text
+
+
+def wait_until(condition, timeout: float = 180, every: float = 0.1):
     """Poll ``condition`` until it returns something truthy, and return that."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -73,76 +84,142 @@ def wait_until(condition, timeout: float = 120, every: float = 0.1):
     raise AssertionError(f"timed out after {timeout} s")
 
 
-def set_max_tokens(page, tab: str, n: int) -> None:
-    """Short answers keep the test fast. The accordion mounts its sliders as it opens, which can
-    reset a value typed too early: type until it stays."""
-    page.click(f"#{tab}-sampling button")
-    box = page.locator(f"#{tab}-max-tokens input[type=number]")
+def set_number(page, elem_id: str, value: float) -> None:
+    """Type a slider's value into its number box until it stays (a value typed while the sidebar is
+    still mounting can be reset)."""
+    box = page.locator(f"#{elem_id} input[type=number]")
     box.wait_for(state="visible")
     for _ in range(5):
-        box.fill(str(n))
+        box.fill(str(value))
         box.press("Enter")
         page.wait_for_timeout(500)
-        if box.input_value() == str(n):
+        if float(box.input_value()) == value:
             return
-    raise AssertionError(f"Max new tokens stays at {box.input_value()}")
+    raise AssertionError(f"{elem_id} stays at {box.input_value()}")
 
 
-def stable_answer(page, selector: str, quiet: float = 3.0, timeout: float = 120) -> tuple[str, set[int]]:
-    """Wait until the last message in ``selector`` stops changing; return it and every length seen on the way."""
-    lengths: set[int] = set()
+def stable_answer(page, count: int, quiet: float = 3.0, timeout: float = 180) -> str:
+    """Wait until there are ``count`` answers and the last one has stopped changing; return it."""
     last, since = None, time.monotonic()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = texts(page, selector)
-        now = found[-1] if found else ""
-        lengths.add(len(now))
+        found = texts(page, ANSWERS)
+        now = found[-1] if len(found) == count else None
         if now != last:
             last, since = now, time.monotonic()
-        elif now.strip() and time.monotonic() - since > quiet:
-            return now, lengths
+        elif now is not None and now.strip() and time.monotonic() - since > quiet:
+            return now
         time.sleep(0.1)
-    raise AssertionError(f"the answer did not settle: {last!r}")
+    raise AssertionError(f"no settled answer number {count}: {texts(page, ANSWERS)!r}")
 
 
-def test_chat_streams_an_answer_and_stop_undo_retry_work(page):
-    set_max_tokens(page, "chat", 48)
-    page.click("#chat-system button")  # open the accordion
-    page.fill("#chat-system textarea", "You are a concise assistant.")
+def attach(page, *files: Path) -> None:
+    for f in files:
+        with page.expect_response(lambda r: "/upload" in r.url):
+            page.set_input_files("#chat-input input[type=file]", str(f))
+    wait_until(lambda: page.locator("#chat-input .thumbnail-item, #chat-input img").count() >= len(files), 30)
+
+
+def ask(page, question: str, *files: Path) -> str:
+    """Send ``question`` with ``files`` as a person does, and return the settled answer."""
+    before = len(texts(page, ANSWERS))
+    if files:
+        attach(page, *files)
+    page.fill("#chat-input textarea", question)
+    page.press("#chat-input textarea", "Enter")
+    return stable_answer(page, before + 1)
+
+
+def clear(page) -> None:
+    page.click("#chat-clear")
+    wait_until(lambda: not texts(page, ANSWERS) and not texts(page, QUESTIONS))
+
+
+def test_text_chat_streams_and_stop_undo_retry_work(page):
+    clear(page)
+    set_number(page, "max-tokens", 48)
+    page.fill("#system textarea", "You are a concise assistant.")
     page.fill("#chat-input textarea", "Name three colours.")
-    page.click("#chat-send")
-    wait_until(lambda: any(t.strip() for t in texts(page, "#chatbot [data-testid=bot]")))
+    page.press("#chat-input textarea", "Enter")
+    wait_until(lambda: any(t.strip() for t in texts(page, ANSWERS)))
     shot(page, "chat-streaming")
-    answer, _ = stable_answer(page, "#chatbot [data-testid=bot]")
-    assert answer.strip() and texts(page, "#chatbot [data-testid=user]") == ["Name three colours."]
+    answer = stable_answer(page, 1)
+    assert answer.strip() and questions(page) == ["Name three colours."]
     shot(page, "chat-answered")
 
-    page.fill("#chat-input textarea", "Write a story about a dragon who learns to bake bread.")
-    page.click("#chat-send")
+    story = "Write a story about a dragon who learns to bake bread."
+    page.fill("#chat-input textarea", story)
+    page.press("#chat-input textarea", "Enter")
     # A long answer, watched as it grows: it streams (a short one may finish between two looks).
     lengths: set[int] = set()
 
     def growing() -> bool:
-        bots = texts(page, "#chatbot [data-testid=bot]")
-        if len(bots) == 2 and bots[-1].strip():
-            lengths.add(len(bots[-1]))
+        found = texts(page, ANSWERS)
+        if len(found) == 2 and found[-1].strip():
+            lengths.add(len(found[-1]))
         return len(lengths) >= 3
 
     wait_until(growing)
     page.click("#chat-stop")
-    stopped, _ = stable_answer(page, "#chatbot [data-testid=bot]", quiet=2.0)
+    stopped = stable_answer(page, 2, quiet=2.0)
     assert stopped.strip()
     shot(page, "chat-stopped")
 
-    page.click("#chat-undo")
-    wait_until(lambda: len(texts(page, "#chatbot [data-testid=bot]")) == 1)
-    assert texts(page, "#chatbot [data-testid=bot]") == [answer]
+    page.click("#chat-undo")  # the question goes back into the box, as in Gradio's own chat
+    wait_until(lambda: len(texts(page, ANSWERS)) == 1)
+    assert texts(page, ANSWERS) == [answer] and page.input_value("#chat-input textarea") == story
 
+    page.fill("#chat-input textarea", "")
     page.click("#chat-retry")  # the first question, answered again
-    wait_until(lambda: texts(page, "#chatbot [data-testid=bot]") != [answer])
-    again, _ = stable_answer(page, "#chatbot [data-testid=bot]")
-    assert again.strip() and texts(page, "#chatbot [data-testid=user]") == ["Name three colours."]
+    wait_until(lambda: texts(page, ANSWERS) != [answer])
+    again = stable_answer(page, 1)
+    assert again.strip() and questions(page) == ["Name three colours."]
     shot(page, "chat-retried")
+
+
+def test_images_in_later_turns_each_answer_about_the_image_in_view(page):
+    """text → circle → text → triangle → text, greedy: the answers name the shape in view, the chat
+    marks which image is in view, and Edit asks the last question again."""
+    clear(page)
+    page.fill("#system textarea", "")
+    set_number(page, "temperature", 0)
+    set_number(page, "max-tokens", 16)
+    assert ask(page, "Name three colours.").strip()
+    assert page.inner_text("#in-view-note").startswith("No image yet")
+
+    assert "circle" in ask(page, "What shape is in the image?", CIRCLE).lower()
+    assert "Image 1: circle.png · in view" in texts(page, STEPS)
+    wait_until(lambda: page.inner_text("#in-view-note").startswith("Image 1 (circle.png)"))
+    assert page.locator("#in-view img").count() == 1
+    shot(page, "image-attached")
+    assert "circle" in ask(page, "What shape is it?").lower()
+    shot(page, "image-follow-up")
+
+    assert "triangle" in ask(page, "What shape is in the image?", TRIANGLE).lower()
+    steps = texts(page, STEPS)
+    assert "Image 1: circle.png · replaced by a later image" in steps and "Image 2: triangle.png · in view" in steps
+    wait_until(lambda: page.inner_text("#in-view-note").startswith("Image 2 (triangle.png)"))
+    follow_up = ask(page, "What shape is it?")
+    assert "triangle" in follow_up.lower() and "circle" not in follow_up.lower()
+    assert questions(page) == [
+        "Name three colours.",
+        "What shape is in the image?",
+        "What shape is it?",
+        "What shape is in the image?",
+        "What shape is it?",
+    ]
+    shot(page, "second-image")
+
+    last = page.locator(QUESTIONS).last
+    last.hover()
+    page.locator("#chatbot button[aria-label=Edit]").last.click()
+    editor = page.locator("#chatbot textarea").last
+    editor.fill("Which shape do you see?")
+    page.locator("#chatbot button[aria-label=Submit]").last.click()
+    wait_until(lambda: questions(page)[-1] == "Which shape do you see?")
+    edited = stable_answer(page, 5)
+    assert "triangle" in edited.lower() and len(questions(page)) == 5
+    shot(page, "edited")
 
 
 def example(served: Served) -> tuple[Path, str, str]:
@@ -154,65 +231,65 @@ def example(served: Served) -> tuple[Path, str, str]:
     return served.examples / item["image"], item["question"], item["answer"]
 
 
-def test_image_with_ocr_shows_what_the_model_saw_and_compare_shows_both_answers(page, served):
+def test_the_ocr_expert_shows_as_a_step_with_the_exact_prompt(page, served):
     DEFAULT_CACHE.clear()  # earlier tests in this process may have read the same image: this one times a fresh read
+    clear(page)
     image, question, expected = example(served)
-    page.get_by_role("tab", name="Image").click()
-    set_max_tokens(page, "image", 24)
-    with page.expect_response(lambda r: "/upload" in r.url):
-        page.set_input_files("#image-input input[type=file]", str(image))
-    page.wait_for_selector("#image-input img")
     page.check("#experts input[name=ocr]")
-    page.fill("#image-question textarea", question)
-    page.click("#image-ask")
-
+    attach(page, image)
+    page.fill("#chat-input textarea", question)
+    page.press("#chat-input textarea", "Enter")
     try:
-        panel = wait_until(lambda: "OCR" in (t := page.inner_text("#seen-experts")) and "s)" in t and t, timeout=180)
+        wait_until(lambda: any("Reading the image: OCR" in t for t in texts(page, STEPS)), timeout=60)
+        shot(page, "experts-reading")
     except AssertionError:
-        shot(page, "image-ocr-timeout")
-        raise AssertionError(f"the panel says {page.inner_text('#seen-experts')!r}") from None
-    assert all(word in panel for word in expected.split()), panel
-    answer, _ = stable_answer(page, "#image-chatbot [data-testid=bot]")
-    assert answer.strip()
-    assert "[Image context]" in page.inner_text("#seen-prompt")
-    shot(page, "image-ocr")
+        pass  # the experts may finish between two looks
+    stable_answer(page, 1)
+    ocr = page.locator(STEPS).filter(has_text="OCR (easyocr)").first
+    assert re.search(r"\(\d+(\.\d+)?s\)", ocr.inner_text())  # its timing, as Gradio shows a step's duration
+    ocr.click()
+    step = page.locator(STEP).filter(has_text="OCR (easyocr)").first
+    wait_until(lambda: all(word in step.inner_text() for word in expected.split()))
+    page.locator(STEPS).filter(has_text="The exact prompt").first.click()
+    prompt = page.locator(STEP).filter(has_text="The exact prompt").first
+    wait_until(lambda: "[Image context]" in prompt.inner_text())
+    shot(page, "experts-step")
 
-    page.fill("#image-question textarea", "Is it open at night?")  # a follow-up about the same image
-    page.click("#image-ask")
-    wait_until(lambda: "cached" in page.inner_text("#seen-experts"))  # OCR ran once for this image
-    wait_until(lambda: len(texts(page, "#image-chatbot [data-testid=bot]")) == 2)
-    stable_answer(page, "#image-chatbot [data-testid=bot]")
-    assert page.inner_text("#seen-prompt").count("[Image context]") == 2
-    shot(page, "image-follow-up")
+    ask(page, "Is it open at night?")  # a follow-up about the same image: OCR's text is in the chat already
+    assert "OCR (easyocr): read this image already" in texts(page, STEPS)
+    shot(page, "experts-follow-up")
 
-    page.fill("#image-question textarea", question)
+
+def test_compare_answers_without_and_with_experts_on_the_chats_image(page):
+    page.get_by_role("tab", name="Compare").click()
+    page.wait_for_selector("#compare-image img")
+    wait_until(lambda: page.input_value("#compare-question textarea") == "Is it open at night?")
+    page.fill("#compare-question textarea", "What does the sign say?")
     page.click("#compare-btn")
-    with_title = wait_until(lambda: "·" in (t := page.inner_text("#compare-with-title")) and t, timeout=180)
+    with_title = wait_until(lambda: "·" in (t := page.inner_text("#compare-with-title")) and t)
     without_title = page.inner_text("#compare-without-title")
     assert without_title.startswith("Without experts ·") and with_title.startswith("With OCR")
     without, with_ocr = page.inner_text("#compare-without"), page.inner_text("#compare-with")
     assert without.strip() and with_ocr.strip() and "Compare" not in without + with_ocr
-    page.locator("#compare-row").scroll_into_view_if_needed()
     shot(page, "compare")
+    page.get_by_role("tab", name="Chat").click()
 
 
-def test_a_corrupt_upload_gets_one_warning_and_the_page_goes_on(page, tmp_path):
+def test_a_corrupt_upload_is_refused_and_the_message_stays(page, tmp_path):
+    clear(page)
+    page.uncheck("#experts input[name=ocr]")
     bad = tmp_path / "notes.png"
     bad.write_text("these are notes, not a picture")
-    page.get_by_role("tab", name="Image").click()
-    page.click("#image-clear")
-    page.set_input_files("#image-input input[type=file]", str(bad))
+    attach(page, bad)
+    page.fill("#chat-input textarea", "What is it?")
+    page.press("#chat-input textarea", "Enter")
     wait_until(lambda: "not an image" in " ".join(texts(page, "[data-testid=toast-body]")), timeout=60)
-    page.wait_for_timeout(1500)
-    assert " ".join(texts(page, "[data-testid=toast-body]")).count("not an image") == 1
+    assert page.input_value("#chat-input textarea") == "What is it?" and not texts(page, ANSWERS)
     shot(page, "corrupt-upload")
-    page.fill("#image-question textarea", "What is it?")
-    page.click("#image-ask")
-    wait_until(lambda: "no image" in " ".join(texts(page, "[data-testid=toast-body]")), timeout=60)
 
-    page.locator("#image-examples .gallery-item").first.click()  # an example fills in image and question
-    page.wait_for_selector("#image-input img")
-    question = wait_until(lambda: page.input_value("#image-question textarea"))
-    page.click("#image-ask")
-    answer, _ = stable_answer(page, "#image-chatbot [data-testid=bot]")
-    assert texts(page, "#image-chatbot [data-testid=user]") == [question] and answer.strip()
+    page.locator("#image-examples .gallery-item").first.click()  # an example fills in the message
+    question = wait_until(lambda: (q := page.input_value("#chat-input textarea")) != "What is it?" and q)
+    page.press("#chat-input textarea", "Enter")
+    answer = stable_answer(page, 1)
+    assert questions(page) == [question] and answer.strip()
+    assert any(t.startswith("Image 1:") for t in texts(page, STEPS))

@@ -156,11 +156,26 @@ def test_every_event_refuses_a_named_server_file(attack):
             response = join(attack, fn_index, data)
             assert_refused(response, attack, (dependency["api_name"], label))
             called += 1
-    assert called >= 6 * 10  # every target against the chat, image, compare and API events
+    assert called >= 6 * 9  # every target against the chat, edit, compare, examples and API events
     assert_nothing_copied(attack)
 
 
-@pytest.mark.parametrize("api_name", ["describe_image", "compare", "chat"])
+def test_a_chat_message_naming_a_server_file_is_refused(attack):
+    """The file inputs as they are shaped: the chat box's message ({"text", "files"}), and
+    /chat_multimodal's message and history."""
+    cfg = config(attack)
+    send = next(i for i, d in enumerate(cfg["dependencies"]) if d["api_name"] == "send")
+    for label, target in attack.targets.items():
+        message = {"text": "What does it say?", "files": [file_data(target)]}
+        assert_refused(join(attack, send, [message, None, "", ["ocr"], 0.0, 1.0, 8, 0]), attack, ("send", label))
+        history = [{"role": "user", "content": "What does it say?", "files": [file_data(target)]}]
+        for data in ([message, []], [{"text": "And now?", "files": []}, history]):
+            response = httpx.post(f"{attack.url}gradio_api/call/chat_multimodal", json={"data": data}, timeout=60)
+            assert_refused(response, attack, ("chat_multimodal", label))
+    assert_nothing_copied(attack)
+
+
+@pytest.mark.parametrize("api_name", ["describe_image", "compare", "chat", "chat_multimodal"])
 def test_named_endpoints_refuse_over_raw_http(attack, api_name):
     for label, target in attack.targets.items():
         data = [file_data(target), "What does it say?", ["ocr"]]
@@ -179,6 +194,11 @@ def test_gradio_client_as_a_remote_client_is_refused(attack, monkeypatch):
             with pytest.raises(ValidationError, match="Upload the image with the request") as refusal:
                 client.predict(file_data(target), "What does it say?", ["ocr"], api_name=api_name)
             assert SECRET not in str(refusal.value), label
+    for label, target in attack.targets.items():
+        message = {"text": "What does it say?", "files": [file_data(target)]}
+        with pytest.raises(ValidationError, match="Upload the image with the request") as refusal:
+            client.predict(message, [], experts=["ocr"], api_name="/chat_multimodal")
+        assert SECRET not in str(refusal.value), label
     assert_nothing_copied(attack)
 
 
@@ -203,9 +223,12 @@ def test_uploads_and_the_shipped_examples_still_work(attack, tmp_path):
     client = Client(attack.url, verbose=False)
     described = client.predict(handle_file(photo), "What colour is it?", [], 8, api_name="/describe_image")
     assert isinstance(described["answer"], str)
-    # A click on an example sends the example's own path (a static file of the app): accepted.
+    message = {"text": "What colour is it?", "files": [handle_file(photo)]}
+    assert isinstance(client.predict(message, [], max_new_tokens=4, api_name="/chat_multimodal"), str)
+    # A message filled in from an example names the example's own path (a static file of the app): accepted.
     cfg = config(attack)
-    image_set = next(i for i, d in enumerate(cfg["dependencies"]) if d["api_name"] == "image_set")
-    response = join(attack, image_set, [file_data(str(EXAMPLE)), None])
+    send = next(i for i, d in enumerate(cfg["dependencies"]) if d["api_name"] == "send")
+    example = {"text": "What shape is in the image?", "files": [file_data(str(EXAMPLE))]}
+    response = join(attack, send, [example, None, "", [], 0.0, 1.0, 4, 0])
     assert response.status_code == 200, response.text
     assert json.loads(response.text)["event_id"]
