@@ -1,12 +1,14 @@
 """The LLaMA-Adapter V2 demo: one chat in which any message may bring an image, OCR and caption
-experts shown as steps, and a with/without-experts comparison.
+experts shown as steps, pictures of what the last answer drew on (on request), and a
+with/without-experts comparison.
 
     python app.py                                     # the shipped demo model, offline, http://127.0.0.1:7860
     python app.py --base /path/to/llama_dir --adapter BIAS-7B --device cuda --share
 
 Layout and wiring only: the conversation is an ``experts.MultimodalChat`` (images per turn, retry,
 undo, edit, system prompt, the experts' per-turn report); every action calls one library function
-(``MultimodalChat.stream``, ``experts.compare``, ``experts.describe``, ``Pipeline.stream``). One model
+(``MultimodalChat.stream``, ``MultimodalChat.explain``, ``experts.compare``, ``experts.describe``,
+``Pipeline.stream``). One model
 per process is shared by every session; each session keeps its own conversation (and its KV cache)
 in ``gr.State``. Named API endpoints for ``gradio_client``: ``/chat``, ``/chat_multimodal``,
 ``/describe_image``, ``/compare``; and on the same port the OpenAI-compatible
@@ -36,7 +38,7 @@ from fastapi import APIRouter  # noqa: E402
 from gradio import FileData  # noqa: E402
 
 from experts import MultimodalChat, Registry, Turn, compare, default_registry, describe, run_experts  # noqa: E402
-from llama_adapter import LlamaAdapterError, Pipeline, serve  # noqa: E402
+from llama_adapter import LlamaAdapterError, Pipeline, Trace, pictures, serve  # noqa: E402
 from llama_adapter.cli import (  # noqa: E402
     add_model_arguments,
     add_server_arguments,
@@ -73,6 +75,17 @@ CSS = """
 """Pictures in the conversation as thumbnails (the one in view is shown beside it), and room for the
 steps' titles."""
 NO_IMAGE = "_No image yet: attach, paste or drop one with your message._"
+INSIDE = (
+    "_Press the button to see what the last answer drew on: where the model looked on the image, the "
+    "adapter gates per layer, and how much each answer token leaned on the adapter prompts (traced on "
+    "request: normal answers pay nothing)._"
+)
+INSIDE_PICTURES = {
+    "looked": "Where it looked (visual queries over the image encoder's grid)",
+    "gates": "Gates per layer and head, tanh(gate)",
+    "adapter_share": "How much each answer token leaned on the adapter prompts",
+    "repeated": "Expert text the answer repeats",
+}
 NOT_COMPARED = "_Press **Compare** to answer the question without and with the chosen experts, same seed._"
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -246,6 +259,14 @@ def image_in_view(chat: MultimodalChat) -> tuple[Any, str]:
     source = turns[brought].attached[-1]
     shown = source if isinstance(source, (str, os.PathLike)) else image
     return shown, f"**Image {number}** ({file_name(source)}). {how}; a new image replaces it."
+
+
+def inside_summary(question: str, trace: Trace) -> str:
+    """A line above the pictures: which answer they show."""
+    line = f"**Inside the answer to** _{question}_: {len(trace.tokens)} tokens, traced over what the model read."
+    if trace.grid is not None:
+        line += f" Where it looked: the image encoder's {'×'.join(map(str, trace.grid.shape))} grid."
+    return line
 
 
 def header_markdown(pipe: Pipeline, queue_size: int = QUEUE_SIZE) -> str:
@@ -489,6 +510,9 @@ class Page:
     compare_question: gr.Textbox
     compare_panes: dict[str, tuple[gr.Markdown, gr.Markdown, gr.Code]]
     """"without" and "with": title, answer, prompt."""
+    inside_note: gr.Markdown
+    inside: dict[str, gr.Plot]
+    """The pictures of the last answer, by :data:`INSIDE_PICTURES` name."""
 
 
 class Handlers:
@@ -654,6 +678,24 @@ class Handlers:
         conv = conv or self.new()
         with conv.paused():
             return self.view(conv)
+
+    @gpu
+    def look_inside(self, conv: Conversation | None) -> dict[gr.components.Component, Any]:
+        """The pictures of what the last answer drew on, drawn on request (``MultimodalChat.explain``)."""
+        if conv is None:
+            gr.Warning("There is no answer to look inside yet: ask something first.")
+            return {}
+        try:
+            with conv.busy:  # the answer being written, if any, first
+                trace = conv.chat.explain()
+                question = conv.chat.last_turn.question
+        except LlamaAdapterError as e:
+            gr.Warning(plain(e))
+            return {}
+        figures = pictures.draw(trace)
+        p = self.page
+        shown = {plot: gr.Plot(figures.get(name), visible=name in figures) for name, plot in p.inside.items()}
+        return {p.inside_note: inside_summary(question, trace), **shown}
 
     # -- compare --
 
@@ -914,6 +956,15 @@ def build_demo(
                     retry_btn = gr.Button("Retry", size="sm", elem_id="chat-retry")
                     undo_btn = gr.Button("Undo", size="sm", elem_id="chat-undo")
                     clear_btn = gr.Button("Clear", size="sm", elem_id="chat-clear")
+                with gr.Accordion("Inside this answer", open=False, elem_id="inside"):
+                    inside_note = gr.Markdown(INSIDE, elem_id="inside-note")
+                    inside_btn = gr.Button("Look inside the last answer", size="sm", elem_id="inside-btn")
+                    inside = {
+                        name: gr.Plot(
+                            label=title, show_label=False, visible=False, format="png", elem_id=f"inside-{name}"
+                        )
+                        for name, title in INSIDE_PICTURES.items()
+                    }
                 if image_examples:
                     gr.Examples(
                         [[{"text": question, "files": [image]}] for image, question in image_examples],
@@ -923,7 +974,6 @@ def build_demo(
                         elem_id="image-examples",
                     )
                 gr.Examples([[{"text": q, "files": []}] for q in CHAT_EXAMPLES], inputs=[box], label="Or just chat")
-                # The place for an "Inside this answer" accordion (llama_adapter.explain), drawn on request.
 
             with gr.Tab("Compare", id="compare") as compare_tab:
                 gr.Markdown(
@@ -955,7 +1005,9 @@ def build_demo(
                                 ),
                             )
 
-        page = Page(state, chatbot, box, in_view, in_view_note, compare_image, compare_question, panes)
+        page = Page(
+            state, chatbot, box, in_view, in_view_note, compare_image, compare_question, panes, inside_note, inside
+        )
         on = Handlers(pipe, registry, page, allowed_dirs)
         chat_outputs = [state, chatbot, box, in_view, in_view_note]
         sent = box.submit(on.send, [box, state, *settings], chat_outputs, api_visibility="private", **model)
@@ -977,6 +1029,7 @@ def build_demo(
             gr.on(triggers, None, cancels=[sent, retried, edited], **instant)
             gr.on(triggers, getattr(on, name), [state], chat_outputs, **instant)
 
+        inside_btn.click(on.look_inside, [state], [inside_note, *inside.values()], api_visibility="private", **model)
         compare_tab.select(on.show_compare, [state, compare_question], [compare_image, compare_question], **instant)
         compare_btn.click(
             on.compare_side_by_side,

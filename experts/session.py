@@ -10,6 +10,7 @@ model only if the pipeline has an image encoder; a text-only model sees it solel
     chat.last_turn.experts.texts, chat.last_turn.prompt   # what OCR read, the exact prompt
     chat.ask("And the date?", experts=["ocr"])      # same image: OCR's text is in the conversation already
     chat.ask("What shape is this?", images=["circle.png"])   # a new image from here on; the text stays
+    chat.explain().save("out/")                     # what the last answer drew on (llama_adapter.explain)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from PIL import Image
 
 from llama_adapter.errors import InputError
+from llama_adapter.explain import Trace, explain
 from llama_adapter.images import ImageInput, open_image
 from llama_adapter.pipeline import ChatSession
 from llama_adapter.prompts import Message, validate_messages
@@ -300,6 +302,22 @@ class MultimodalChat:
 
     def set_system(self, system: str | None) -> None:
         self.session.set_system(system)
+
+    def explain(self, turn: int = -1) -> Trace:
+        """What the answer to ``turn`` (default: the last) drew on (:func:`llama_adapter.explain`):
+        traced in one forward pass over what the model read for it and the answer it gave, so the
+        answer itself paid nothing. Raises :class:`llama_adapter.InputError` when there is no answer."""
+        turns = self.turns
+        if not turns:
+            raise InputError("There is no answer to look inside yet: ask something first.")
+        record = turns[turn]
+        messages = self.messages
+        asked = next(i for i, m in enumerate(messages) if m.get("record") is record)
+        answer = messages[asked + 1]["content"] if asked + 1 < len(messages) else ""
+        if not answer.strip():
+            raise InputError("This question has no answer to look inside.")
+        image = record.image if self.pipeline.accepts_images else None
+        return explain(self.pipeline, self.session.read(messages[: asked + 1]), image, answer=answer)
 
     def _earlier_results(self, image: Image.Image, experts: ExpertSpec) -> list[ExpertResult]:
         """Results of the chosen ``experts`` on ``image`` whose text is in the conversation already."""

@@ -351,7 +351,7 @@ def test_the_openai_api_answers_on_the_apps_port(served):
 
 
 def test_model_events_share_one_queue_slot_and_the_queue_is_bounded(served):
-    model_fns = {"send", "retry", "edit", "compare_side_by_side"}
+    model_fns = {"send", "retry", "edit", "look_inside", "compare_side_by_side"}
     model_fns |= {"chat_api", "chat_multimodal_api", "describe_image_api", "compare_api"}
     fns = [fn for fn in served.demo.fns.values() if fn.name in model_fns]
     assert {fn.name for fn in fns} == model_fns
@@ -396,6 +396,24 @@ def test_the_chat_shows_images_experts_and_prompts_as_steps(served):
     assert answers == [m["content"] for m in chat.messages if m["role"] == "assistant"]
     image, note = app.image_in_view(chat)
     assert image == str(CIRCLE) and note.startswith("**Image 2** (circle.png)")
+
+
+def test_inside_this_answer_draws_the_last_answers_pictures_on_request(served):
+    """The accordion's button: the pictures of the chat's last answer, as llama_adapter.explain traces
+    it; a conversation with no answer gets a warning and nothing drawn."""
+    [fn] = [fn for fn in served.demo.fns.values() if fn.name == "look_inside"]
+    conv = app.Conversation(MultimodalChat(served.pipe, registry=served.registry))
+    with pytest.warns(UserWarning, match="no answer to look inside"):
+        assert fn.fn(conv) == {}
+    conv.chat.ask("What shape is in the image?", [str(CIRCLE)], **FAST)
+    conv.chat.ask("What colour is it?", **FAST)
+    shown = fn.fn(conv)
+    plots = {c.elem_id.removeprefix("inside-"): update for c, update in shown.items() if isinstance(c, gr.Plot)}
+    assert {name for name, update in plots.items() if update.visible} == {"looked", "gates", "adapter_share"}
+    note = next(v for c, v in shown.items() if c.elem_id == "inside-note")
+    assert "What colour is it?" in note and "7×7 grid" in note
+    trace = conv.chat.explain()
+    assert trace.answer == conv.chat.messages[-1]["content"] and trace.prompt == conv.chat.last_turn.prompt
 
 
 def test_the_header_names_base_adapter_and_precision(served):

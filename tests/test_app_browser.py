@@ -1,7 +1,8 @@
 """The app in a real browser (Playwright driving Debian's chromium): a text chat with streaming, Stop,
 Undo and Retry; an image attached to a message, a text follow-up about it, a second image in a later
 turn (each answer about the image in view), Edit; the OCR expert as a step with the exact prompt;
-Compare on the chat's image; a corrupt upload; an example. Screenshots go to test-artifacts/."""
+Compare on the chat's image; the pictures inside an answer; a corrupt upload; an example.
+Screenshots go to test-artifacts/."""
 
 from __future__ import annotations
 
@@ -273,6 +274,22 @@ def test_compare_answers_without_and_with_experts_on_the_chats_image(page):
     assert without.strip() and with_ocr.strip() and "Compare" not in without + with_ocr
     shot(page, "compare")
     page.get_by_role("tab", name="Chat").click()
+
+
+def test_inside_this_answer_shows_three_pictures_for_an_image_answer(page):
+    """The accordion under the chat, on request: where the model looked, the gates and each token's
+    adapter share for the last answer (an answer without expert text has no fourth picture)."""
+    clear(page)
+    ask(page, "What shape is in the image?", CIRCLE)
+    page.locator("#inside button").first.click()  # open the accordion
+    page.click("#inside-btn")
+    wait_until(lambda: "Inside the answer to" in page.inner_text("#inside-note"))
+    for name in ("looked", "gates", "adapter_share"):
+        page.locator(f"#inside-{name} img").wait_for(state="visible")
+        assert page.locator(f"#inside-{name} img").evaluate("img => img.naturalWidth") > 100, name
+    assert not page.locator("#inside-repeated").is_visible()
+    page.locator("#inside").scroll_into_view_if_needed()
+    shot(page, "inside-this-answer")
 
 
 def test_a_corrupt_upload_is_refused_and_the_message_stays(page, tmp_path):

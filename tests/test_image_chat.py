@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 import llama_adapter
@@ -328,6 +329,27 @@ def test_history_turns_get_their_record(pipe, kw):
     assert first.new_image and not second.new_image and first.image is second.image is chat.image
     answer = chat.ask("What shape is it?", **SHORT)
     assert answer == from_scratch(pipe, chat, **SHORT)
+
+
+def test_explain_traces_each_answer_with_what_the_model_read_for_it(pipe, kw, sign):
+    """The last answer and an earlier one, traced as ``llama_adapter.explain`` traces the same prompt,
+    image and answer given one by one; no answer yet is refused."""
+    chat = MultimodalChat(pipe, **kw)
+    with pytest.raises(InputError, match="no answer to look inside"):
+        chat.explain()
+    chat.ask("What does it say?", [CIRCLE], ["sign"], **SHORT)
+    chat.ask("What shape is in the image?", [TRIANGLE], **SHORT)
+    for turn, image in ((-1, TRIANGLE), (0, CIRCLE)):
+        trace = chat.explain(turn)
+        question = chat.turns[turn].question
+        asked = [m for m in chat.messages if m["role"] == "user"][turn]
+        answer = chat.messages[chat.messages.index(asked) + 1]["content"]
+        alone = [{"role": "user", "content": question, "context": asked.get("context")}]
+        oracle = llama_adapter.explain(pipe, alone, image, answer=answer)
+        assert trace.prompt == oracle.prompt == chat.turns[turn].prompt and trace.answer == answer
+        assert torch.equal(trace.grid, oracle.grid) and torch.allclose(trace.adapter_share, oracle.adapter_share)
+        assert trace.context == oracle.context == asked.get("context")
+    assert "OPEN 24 HOURS" in chat.explain(0).context and chat.explain().context is None
 
 
 # -- describe ----------------------------------------------------------------------------------------------
