@@ -119,7 +119,7 @@ def test_official_wiring_equals_the_released_forward_by_hand(lora, tiny_spm, tmp
     """A Meta base and a release-format adapter read by our loaders, against the released code's
     forward written out by hand: bias on wq/wo/w1/w2/w3, no scale, raw prompts, the visual query
     added to every adapter layer's prompt, (LoRA: not on the prompt's keys/values, new_gate)."""
-    meta_dir = write_meta_dir(random_hf_model("tiny"), tmp_path / "llama" / "7B", tiny_spm)
+    meta_dir = write_meta_dir(random_hf_model("tiny-llama1"), tmp_path / "llama" / "7B", tiny_spm)
     official = official_tensors(lora)
     base = load_base(tmp_path / "llama")
     adapter = read_official_adapter(write_official(tmp_path / "a.pth", official, lora), base.config, name="tiny")
