@@ -45,6 +45,7 @@ from llama_adapter.cli import (  # noqa: E402
     check_environment_choices,
     env_value,
     load_for_serving,
+    positive_int,
 )
 from llama_adapter.engine import EngineConfig  # noqa: E402
 from llama_adapter.pipeline import Limits  # noqa: E402
@@ -52,7 +53,7 @@ from llama_adapter.pipeline import Limits  # noqa: E402
 log = logging.getLogger("app")
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
-QUEUE_SIZE = 32
+QUEUE_SIZE = EngineConfig.max_waiting
 """Waiting requests beyond this are turned away at once rather than left to wait for many minutes."""
 MAX_NEW_TOKENS = 1024
 """Longest answer a request may ask for (the sliders' maximum)."""
@@ -1083,19 +1084,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add_model_arguments(p, template=False)
     add_server_arguments(p, port=7860, host_env="GRADIO_SERVER_NAME", port_env="GRADIO_SERVER_PORT", share=True)
-    limits = p.add_argument_group("limits", "what a request may ask, and how many may wait: beyond, a plain refusal")
+    limits = p.add_argument_group("limits", "what a request may ask: beyond, a plain refusal")
     for flag, default, text in (
         ("max-image-pixels", Limits.max_image_pixels, "width × height of an image"),
         ("max-prompt-chars", Limits.max_prompt_chars, "characters of a prompt with its history"),
         ("max-new-tokens", MAX_NEW_TOKENS, "length of an answer, in tokens"),
-        ("queue-size", QUEUE_SIZE, "requests that may wait; more are turned away at once"),
-        ("max-batch", EngineConfig.max_batch, "answers written together (each decode step computes them all)"),
     ):
         name = "LLAMA_ADAPTER_" + flag.upper().replace("-", "_")
         # argparse converts (and checks) a string default with ``type`` as if it came from the command line.
         limits.add_argument(
             f"--{flag}",
-            type=_positive,
+            type=positive_int,
             default=env_value(name, str(default)),
             help=f"{text}; default {default:,} (env {name})",
         )
@@ -1103,16 +1102,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_environment_choices(p, args)
     return args
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

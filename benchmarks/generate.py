@@ -212,8 +212,9 @@ def main() -> None:
             started = time.perf_counter()
             pipes[f"{name} compiled"] = llama_adapter.load("smollm2-135m", compile=True, **kw)
             load_seconds[name] = time.perf_counter() - started
-    tied = pipes["fp32" if "fp32" in pipes else next(iter(pipes))].model.config.tie_embeddings
-    ids = next(iter(pipes.values())).encode(next(iter(pipes.values())).render(PROMPT))
+    first = next(iter(pipes.values()))  # every setting has the same config and tokenizer
+    tied = first.model.config.tie_embeddings
+    ids = first.encode(first.render(PROMPT))
     systems, read = {}, {}
     for name, pipe in pipes.items():
         for slots, label in ((8, "app path, 8 slots"), (1, "1 slot")):
@@ -221,9 +222,9 @@ def main() -> None:
             ours(engine, ids, 4)  # the engine's first step (and, compiled, its batch's graph)
             systems[f"ours {name}, {label}"] = lambda engine=engine: ours(engine, ids, args.new_tokens)
             read[f"ours {name}, {label}"] = weight_bytes_per_token(pipe.model, tied=tied)
-    hf = {"fp32": AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), dtype=torch.float32).eval()}
-    systems["transformers fp32"] = lambda: transformers_run(hf["fp32"], ids, args.new_tokens)
-    read["transformers fp32"] = weight_bytes_per_token(hf["fp32"].model, tied=False) + hf["fp32"].lm_head.weight.nbytes
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), dtype=torch.float32).eval()
+    systems["transformers fp32"] = lambda: transformers_run(hf, ids, args.new_tokens)
+    read["transformers fp32"] = weight_bytes_per_token(hf.model, tied=False) + hf.lm_head.weight.nbytes
     gguf_dir = Path(tempfile.mkdtemp(prefix="llama-cpp-bench-"))
     try:
         import llama_cpp  # noqa: F401
@@ -262,14 +263,14 @@ def main() -> None:
     if load_seconds:
         print("load + compile seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in load_seconds.items()))
 
-    time_to_first_token(hf["fp32"], args.repeats)
+    time_to_first_token(hf, args.repeats)
 
-    text_ids = torch.tensor([next(iter(pipes.values())).tokenizer.encode(TEXT, bos=False)])
+    text_ids = torch.tensor([first.tokenizer.encode(TEXT, bos=False)])
     ppl = {
         name: (decode_perplexity if pipe.info["compiled"] else perplexity)(pipe.model, text_ids)
         for name, pipe in pipes.items()
     }
-    ppl["transformers fp32"] = perplexity(lambda x: hf["fp32"](x).logits, text_ids)
+    ppl["transformers fp32"] = perplexity(lambda x: hf(x).logits, text_ids)
     print(f"perplexity on a fixed {text_ids.shape[1]}-token text: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
     for name in ppl:
         if name.startswith("int8") and "fp32" in ppl:

@@ -88,10 +88,22 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, template: bool = Tru
         )
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 1 (``_`` separators allowed)."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
 def add_server_arguments(
     parser: argparse.ArgumentParser, *, port: int, host_env: str, port_env: str, share: bool = False
 ) -> None:
-    """``--host --port`` (and Gradio's ``--share``) and what a request may name as its image."""
+    """``--host --port`` (and Gradio's ``--share``), the engine's ``--max-batch --queue-size``, and
+    what a request may name as its image."""
     group = parser.add_argument_group("server")
     group.add_argument("--host", default=env_value(host_env, "127.0.0.1"), help=f"default 127.0.0.1 (env {host_env})")
     group.add_argument(
@@ -103,6 +115,18 @@ def add_server_arguments(
             action="store_true",
             default=env_switch("GRADIO_SHARE"),
             help="also serve on a public gradio.live link (env GRADIO_SHARE=1)",
+        )
+    # argparse converts (and checks) a string default with ``type`` as if it came from the command line.
+    for flag, default, text in (
+        ("max-batch", EngineConfig.max_batch, "answers written together (each decode step computes them all)"),
+        ("queue-size", EngineConfig.max_waiting, "requests that may wait; more are turned away at once"),
+    ):
+        variable = "LLAMA_ADAPTER_" + flag.upper().replace("-", "_")
+        group.add_argument(
+            f"--{flag}",
+            type=positive_int,
+            default=env_value(variable, str(default)),
+            help=f"{text}; default {default:,} (env {variable})",
         )
     group.add_argument(
         "--allow-local-dir",

@@ -536,31 +536,16 @@ def _installed_experts() -> ExpertsRunner | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .engine import EngineConfig
-
     p = argparse.ArgumentParser(
         prog="python -m llama_adapter.serve", description="Serve a model over the OpenAI chat completions API."
     )
     add_model_arguments(p)
     add_server_arguments(p, port=8000, host_env="LLAMA_ADAPTER_HOST", port_env="LLAMA_ADAPTER_PORT")
-    p.add_argument(
-        "--max-batch",
-        type=int,
-        default=env_value("LLAMA_ADAPTER_MAX_BATCH", str(EngineConfig.max_batch)),
-        help=f"requests decoded together (default {EngineConfig.max_batch}; env LLAMA_ADAPTER_MAX_BATCH)",
-    )
-    p.add_argument(
-        "--queue-size",
-        type=int,
-        default=env_value("LLAMA_ADAPTER_QUEUE_SIZE", str(EngineConfig.max_waiting)),
-        help=f"requests that may wait (default {EngineConfig.max_waiting}; env LLAMA_ADAPTER_QUEUE_SIZE)",
-    )
     add_api_arguments(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-
     p = build_parser()
     args = p.parse_args(argv)
     check_environment_choices(p, args)
