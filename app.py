@@ -37,7 +37,16 @@ import gradio as gr  # noqa: E402
 from fastapi import APIRouter  # noqa: E402
 from gradio import FileData  # noqa: E402
 
-from experts import MultimodalChat, Registry, Turn, compare, default_registry, describe, run_experts  # noqa: E402
+from experts import (  # noqa: E402
+    Comparison,
+    MultimodalChat,
+    Registry,
+    Turn,
+    compare,
+    default_registry,
+    describe,
+    run_experts,
+)
 from llama_adapter import LlamaAdapterError, Pipeline, Trace, pictures, serve  # noqa: E402
 from llama_adapter.cli import (  # noqa: E402
     add_model_arguments,
@@ -87,6 +96,7 @@ INSIDE_PICTURES = {
     "adapter_share": "How much each answer token leaned on the adapter prompts",
     "repeated": "Expert text the answer repeats",
 }
+COMPARE_INSIDE = "_Press the button to see what each of the two answers drew on, side by side (traced on request)._"
 NOT_COMPARED = "_Press **Compare** to answer the question without and with the chosen experts, same seed._"
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -268,6 +278,17 @@ def inside_summary(question: str, trace: Trace) -> str:
     if trace.grid is not None:
         line += f" Where it looked: the image encoder's {'×'.join(map(str, trace.grid.shape))} grid."
     return line
+
+
+def plot_box(title: str, elem_id: str) -> gr.Plot:
+    """An empty, hidden place for one picture of an answer's trace."""
+    return gr.Plot(label=title, show_label=False, visible=False, format="png", elem_id=elem_id)
+
+
+def drawn(trace: Trace, plots: dict[str, gr.Plot]) -> dict[gr.Plot, gr.Plot]:
+    """The ``plots`` (by :data:`INSIDE_PICTURES` name) showing ``trace``'s pictures; those it has none for hidden."""
+    figures = pictures.draw(trace)
+    return {plot: gr.Plot(figures.get(name), visible=name in figures) for name, plot in plots.items()}
 
 
 def header_markdown(pipe: Pipeline, queue_size: int = QUEUE_SIZE) -> str:
@@ -511,9 +532,14 @@ class Page:
     compare_question: gr.Textbox
     compare_panes: dict[str, tuple[gr.Markdown, gr.Markdown, gr.Code]]
     """"without" and "with": title, answer, prompt."""
+    compared: gr.State
+    """The last :class:`experts.Comparison` of this browser session."""
     inside_note: gr.Markdown
     inside: dict[str, gr.Plot]
     """The pictures of the last answer, by :data:`INSIDE_PICTURES` name."""
+    compare_inside_note: gr.Markdown
+    compare_inside: dict[str, dict[str, gr.Plot]]
+    """"without" and "with": the pictures of that answer, by :data:`INSIDE_PICTURES` name."""
 
 
 class Handlers:
@@ -693,10 +719,24 @@ class Handlers:
         except LlamaAdapterError as e:
             gr.Warning(plain(e))
             return {}
-        figures = pictures.draw(trace)
+        return {self.page.inside_note: inside_summary(question, trace), **drawn(trace, self.page.inside)}
+
+    @gpu
+    def look_inside_compared(self, compared: Comparison | None) -> dict[gr.components.Component, Any]:
+        """The pictures of both compared answers, side by side (``Comparison.explain``)."""
+        if compared is None:
+            gr.Warning("There are no answers to look inside yet: press Compare first.")
+            return {}
         p = self.page
-        shown = {plot: gr.Plot(figures.get(name), visible=name in figures) for name, plot in p.inside.items()}
-        return {p.inside_note: inside_summary(question, trace), **shown}
+        shown: dict[gr.components.Component, Any] = {}
+        try:
+            for i, side in enumerate(("without", "with")):
+                shown |= drawn(compared.explain(self.pipe, i), p.compare_inside[side])
+        except LlamaAdapterError as e:
+            gr.Warning(plain(e))
+            return {}
+        note = f"**Inside both answers to** _{compared.instruction}_: without experts left, with them right."
+        return {p.compare_inside_note: note, **shown}
 
     # -- compare --
 
@@ -742,6 +782,7 @@ class Handlers:
             shown[title_box] = f"#### {title} · {variant.seconds:.2f} s{skipped}"
             shown[answer_box] = variant.answer.strip() or "_(empty answer)_"
             shown[prompt_box] = variant.prompt
+        shown[self.page.compared] = result
         return shown
 
     # -- API endpoints (plain data in and out, for gradio_client) --
@@ -960,12 +1001,7 @@ def build_demo(
                 with gr.Accordion("Inside this answer", open=False, elem_id="inside"):
                     inside_note = gr.Markdown(INSIDE, elem_id="inside-note")
                     inside_btn = gr.Button("Look inside the last answer", size="sm", elem_id="inside-btn")
-                    inside = {
-                        name: gr.Plot(
-                            label=title, show_label=False, visible=False, format="png", elem_id=f"inside-{name}"
-                        )
-                        for name, title in INSIDE_PICTURES.items()
-                    }
+                    inside = {name: plot_box(title, f"inside-{name}") for name, title in INSIDE_PICTURES.items()}
                 if image_examples:
                     gr.Examples(
                         [[{"text": question, "files": [image]}] for image, question in image_examples],
@@ -1005,9 +1041,33 @@ def build_demo(
                                     interactive=False,
                                 ),
                             )
+                with gr.Accordion("Inside these answers", open=False, elem_id="compare-inside"):
+                    compare_inside_note = gr.Markdown(COMPARE_INSIDE, elem_id="compare-inside-note")
+                    compare_inside_btn = gr.Button("Look inside both answers", size="sm", elem_id="compare-inside-btn")
+                    compare_inside = {}
+                    with gr.Row():
+                        for side in ("without", "with"):
+                            with gr.Column():
+                                compare_inside[side] = {
+                                    name: plot_box(title, f"compare-inside-{side}-{name}")
+                                    for name, title in INSIDE_PICTURES.items()
+                                }
 
+        compared = gr.State()
         page = Page(
-            state, chatbot, box, in_view, in_view_note, compare_image, compare_question, panes, inside_note, inside
+            state,
+            chatbot,
+            box,
+            in_view,
+            in_view_note,
+            compare_image,
+            compare_question,
+            panes,
+            compared,
+            inside_note,
+            inside,
+            compare_inside_note,
+            compare_inside,
         )
         on = Handlers(pipe, registry, page, allowed_dirs)
         chat_outputs = [state, chatbot, box, in_view, in_view_note]
@@ -1035,8 +1095,15 @@ def build_demo(
         compare_btn.click(
             on.compare_side_by_side,
             [compare_question, state, experts, temperature, top_p, tokens, seed],
-            [box for pane in panes.values() for box in pane],
+            [*(box for pane in panes.values() for box in pane), compared],
             show_progress_on=[panes["without"][1], panes["with"][1]],
+            api_visibility="private",
+            **model,
+        )
+        compare_inside_btn.click(
+            on.look_inside_compared,
+            [compared],
+            [compare_inside_note, *(plot for plots in compare_inside.values() for plot in plots.values())],
             api_visibility="private",
             **model,
         )

@@ -23,7 +23,9 @@ from .base import DEFAULT_CACHE, ExpertCache, ExpertReport, Registry, resolve_ex
 from .prompt import assemble
 
 if TYPE_CHECKING:
-    from llama_adapter import Pipeline
+    from PIL import Image
+
+    from llama_adapter import Pipeline, Trace
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +58,21 @@ class Comparison:
     image_to_model: bool
     experts: ExpertReport
     variants: list[Variant] = field(default_factory=list)
+    image: Image.Image | None = field(default=None, repr=False)
+    """The picture the model saw (``None`` for a text-only model)."""
 
     @property
     def baseline(self) -> Variant:
         return self.variants[0]
+
+    def explain(self, pipeline: Pipeline, variant: int) -> Trace:
+        """What the answer of ``variants[variant]`` drew on (:func:`llama_adapter.explain`), traced
+        in one forward pass over what the model read for it and the answer it gave."""
+        from llama_adapter import explain
+
+        answered = self.variants[variant]
+        built = assemble(self.instruction, answered.report, pipeline=pipeline)
+        return explain(pipeline, built.messages, self.image, answer=answered.answer)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,7 +111,7 @@ def compare(
     union = list(dict.fromkeys(e for combo in combos for e in combo))
     experts = run_experts(picture, union, timeout_s=timeout_s, cache=cache)
     to_model = picture if pipeline.accepts_images else None
-    result = Comparison(instruction, seed, to_model is not None, experts)
+    result = Comparison(instruction, seed, to_model is not None, experts, image=to_model)
     for combo in [[], *combos]:
         report = ExpertReport([experts[e.name] for e in combo], experts.image_hash)
         built = assemble(instruction, report, pipeline=pipeline)
@@ -150,15 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def explain_variants(pipeline: Pipeline, result: Comparison, image: ImageInput, directory: Path) -> None:
+def explain_variants(pipeline: Pipeline, result: Comparison, directory: Path) -> None:
     """Trace each variant's answer (one forward pass each) and save it under ``directory/<variant>``."""
-    from llama_adapter import explain
-
-    for variant in result.variants:
-        built = assemble(result.instruction, variant.report, pipeline=pipeline)
-        trace = explain(pipeline, built.messages, image if result.image_to_model else None, answer=variant.answer)
+    for i, variant in enumerate(result.variants):
         folder = directory / re.sub(r"[^A-Za-z0-9]+", "-", variant.label).strip("-")
-        trace.save(folder)
+        result.explain(pipeline, i).save(folder)
         print(f"Wrote what the answer with {variant.label} drew on to {folder}", file=sys.stderr)
 
 
@@ -184,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             top_p=args.top_p,
         )
         if args.explain is not None:
-            explain_variants(pipeline, result, picture, args.explain)
+            explain_variants(pipeline, result, args.explain)
     except (LlamaAdapterError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2

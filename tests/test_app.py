@@ -27,7 +27,7 @@ from test_image_chat import CIRCLE, TRIANGLE, visual_pipeline
 import app
 import llama_adapter.cli
 import llama_adapter.engine
-from experts import Availability, Expert, MultimodalChat, Registry, default_registry, run_experts
+from experts import Availability, Expert, MultimodalChat, Registry, compare, default_registry, run_experts
 from llama_adapter import CheckpointError, Pipeline
 from llama_adapter import serve as openai_api
 from llama_adapter.engine import EngineConfig
@@ -351,7 +351,7 @@ def test_the_openai_api_answers_on_the_apps_port(served):
 
 
 def test_model_events_share_one_queue_slot_and_the_queue_is_bounded(served):
-    model_fns = {"send", "retry", "edit", "look_inside", "compare_side_by_side"}
+    model_fns = {"send", "retry", "edit", "look_inside", "compare_side_by_side", "look_inside_compared"}
     model_fns |= {"chat_api", "chat_multimodal_api", "describe_image_api", "compare_api"}
     fns = [fn for fn in served.demo.fns.values() if fn.name in model_fns]
     assert {fn.name for fn in fns} == model_fns
@@ -414,6 +414,30 @@ def test_inside_this_answer_draws_the_last_answers_pictures_on_request(served):
     assert "What colour is it?" in note and "7×7 grid" in note
     trace = conv.chat.explain()
     assert trace.answer == conv.chat.messages[-1]["content"] and trace.prompt == conv.chat.last_turn.prompt
+
+
+def test_inside_the_compared_answers_draws_both_answers_pictures_on_request(served):
+    """Compare's accordion: each answer traced over the prompt it was given (the OCR text only on the
+    right); before any comparison, a warning and nothing drawn."""
+    [fn] = [fn for fn in served.demo.fns.values() if fn.name == "look_inside_compared"]
+    with pytest.warns(UserWarning, match="press Compare first"):
+        assert fn.fn(None) == {}
+    question = "What does the sign say?"
+    result = compare(served.pipe, question, str(served.sign), [["ocr"]], registry=served.registry, **FAST)
+    shown = fn.fn(result)
+    for side in ("without", "with"):
+        plots = {
+            c.elem_id.removeprefix(f"compare-inside-{side}-"): update
+            for c, update in shown.items()
+            if isinstance(c, gr.Plot) and c.elem_id.startswith(f"compare-inside-{side}-")
+        }
+        assert {"looked", "gates", "adapter_share"} <= {name for name, update in plots.items() if update.visible}
+    note = next(v for c, v in shown.items() if c.elem_id == "compare-inside-note")
+    assert question in note
+    without, with_ocr = (result.explain(served.pipe, i) for i in (0, 1))
+    assert (without.answer, with_ocr.answer) == tuple(v.answer for v in result.variants)
+    assert "24 HOURS" not in without.prompt and "24 HOURS" in with_ocr.prompt
+    assert without.grid is not None and without.grid.shape == (7, 7)
 
 
 def test_the_header_names_base_adapter_and_precision(served):

@@ -273,6 +273,16 @@ def test_compare_answers_without_and_with_experts_on_the_chats_image(page):
     without, with_ocr = page.inner_text("#compare-without"), page.inner_text("#compare-with")
     assert without.strip() and with_ocr.strip() and "Compare" not in without + with_ocr
     shot(page, "compare")
+    page.locator("#compare-inside button").first.click()  # open the accordion
+    page.click("#compare-inside-btn")
+    wait_until(lambda: "Inside both answers to" in page.inner_text("#compare-inside-note"))
+    for side in ("without", "with"):
+        for name in ("looked", "gates", "adapter_share"):
+            picture = page.locator(f"#compare-inside-{side}-{name} img")
+            picture.wait_for(state="visible")
+            assert picture.evaluate("img => img.naturalWidth") > 100, (side, name)
+    page.locator("#compare-inside").scroll_into_view_if_needed()
+    shot(page, "compare-inside")
     page.get_by_role("tab", name="Chat").click()
 
 
