@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Union
 
@@ -20,6 +21,10 @@ ImageInput = Union[str, os.PathLike, bytes, Image.Image]
 DEFAULT_MAX_PIXELS = 40_000_000
 """Images larger than this are refused before decoding (a 20000×20000 upload, a decompression bomb)."""
 
+_opened: weakref.WeakValueDictionary[int, Image.Image] = weakref.WeakValueDictionary()
+"""The images :func:`open_image` returned, by ``id`` (PIL images are unhashable): passed on to inner
+layers, they are taken as they are instead of being transposed and converted again."""
+
 
 def open_image(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open a path, raw bytes or PIL image as an upright RGB image, or raise :class:`InputError`.
@@ -28,6 +33,9 @@ def open_image(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
     images (first frame). The pixel limit is checked from the header, before decoding; Pillow's
     own decompression-bomb limit (about 89 Mpx) applies as well.
     """
+    if isinstance(image, Image.Image) and _opened.get(id(image)) is image:
+        _check_pixels(image.size, max_pixels)  # the limits of layers may differ
+        return image
     if isinstance(image, Image.Image):
         img = image
         _check_pixels(img.size, max_pixels)
@@ -55,10 +63,11 @@ def open_image(image: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
     try:
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        img = _to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError) as e:  # a broken later frame, EXIF block or pixel mode
         raise InputError(f"The image cannot be converted to RGB: {e}") from e
+    _opened[id(img)] = img
+    return img
 
 
 def _read_bytes(image: str | os.PathLike | bytes) -> bytes:

@@ -24,7 +24,7 @@ from .prompts import (
     Template,
     as_messages,
     prompt_chars,
-    render,
+    render_checked,
     stop_strings,
     validate_history,
     validate_messages,
@@ -112,12 +112,13 @@ class Pipeline:
     # -- prompts and images ------------------------------------------------------------------------
 
     def render(self, prompt: Prompt, *, limit: bool = True) -> str:
-        """The exact text the model reads for ``prompt`` (a string or a list of messages).
-        ``limit=False`` skips :meth:`check_length`, for a conversation whose history is ours."""
+        """The exact text the model reads for ``prompt`` (a string or a list of messages), checked
+        by :meth:`check_length`. ``limit=False`` skips the check, for a conversation whose messages
+        were checked as they came in (a :class:`ChatSession`'s)."""
         messages = with_system(as_messages(prompt), self.system_prompt)
         if limit:
             self.check_length(messages)
-        return render(messages, self.template, self.tokenizer)
+        return render_checked(messages, self.template, self.tokenizer)
 
     def check_length(self, messages: list[Message]) -> None:
         """Refuse a conversation longer than ``limits.max_prompt_chars`` before it is tokenised."""

@@ -97,6 +97,11 @@ def prompt_chars(messages: list[Message]) -> int:
 def render(messages: list[Message], template: Template, tokenizer: Tokenizer | None = None) -> str:
     """The exact text the model sees for a conversation, ending where the answer begins."""
     validate_messages(messages)
+    return render_checked(messages, template, tokenizer)
+
+
+def render_checked(messages: list[Message], template: Template, tokenizer: Tokenizer | None = None) -> str:
+    """:func:`render` for messages that passed :func:`validate_messages` where they came in."""
     messages = [
         {
             **m,

@@ -366,6 +366,46 @@ def test_describe_answers_once_and_says_what_the_model_read(pipe, kw, sign, pict
     assert sign.calls == 1  # build_prompt above was served from the cache
 
 
+def test_describe_reads_and_converts_the_image_once(pipe, kw, tmp_path, monkeypatch):
+    """The image is checked where it comes in (describe); the experts, the prompt and the model are
+    handed the checked picture and neither read the file nor convert it again."""
+    path = tmp_path / "photo.png"
+    Image.new("RGBA", (96, 64), (255, 0, 0, 128)).save(path)
+    import llama_adapter.images as images
+
+    calls = {"read": 0, "convert": 0}
+
+    def count(name, real):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(images, "_read_bytes", count("read", images._read_bytes))
+    monkeypatch.setattr(images, "_to_rgb", count("convert", images._to_rgb))
+    describe(pipe, str(path), "What does the sign say?", ["sign"], **kw, **SHORT)
+    assert calls == {"read": 1, "convert": 1}
+    checked = open_image(str(path))
+    assert open_image(checked) is checked  # a checked picture passes as it is
+    assert open_image(Image.new("RGB", (8, 8))) is not None and calls["convert"] == 3  # a new one is converted
+
+
+def test_a_turn_checks_its_messages_once_however_long_the_chat(pipe, monkeypatch):
+    """A chat's history was checked as each message came in: a turn checks only its new message
+    (once), not the whole conversation again while fitting it to the context."""
+    import llama_adapter.prompts as prompts
+
+    checked: list[int] = []
+    real = prompts.validate_history
+    monkeypatch.setattr(prompts, "validate_history", lambda messages: checked.append(len(messages)) or real(messages))
+    session = pipe.chat()
+    for question in ("Hello.", "What is a circle?", "And a square?"):
+        checked.clear()
+        session.ask(question, **SHORT)
+        assert len(checked) == 1, checked
+
+
 def test_describe_refuses_bad_input_in_plain_words(pipe, kw, sign, picture, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
