@@ -11,8 +11,9 @@ bandwidth (a 2-thread sum over 1 GiB). llama.cpp runs the shipped GGUF requantis
 q8_0 (the same weights as ours), through llama-cpp-python built from source (README, "Generation
 speed"). Then time to first token of a ~40-token chat turn and of an image question with the
 demo model (encoder + prefill), against transformers' prefill of the same tokens (plus our
-encoder, for the image). Also the perplexity change of int8 weights on a fixed text, and the time
-our eager weight matmuls alone take per token.
+encoder, for the image). Also the perplexity change of int8 weights on a fixed text, the time
+our eager weight matmuls alone take per token, and the decode speed before and after a traced
+answer (``llama_adapter.explain``: tracing off costs nothing).
 
     python -m benchmarks.generate [--threads 2] [--repeats 3] [--new-tokens 128] [--compile]
 """
@@ -264,6 +265,7 @@ def main() -> None:
         print("load + compile seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in load_seconds.items()))
 
     time_to_first_token(hf, args.repeats)
+    tracing_cost(args.new_tokens, args.repeats)
 
     text_ids = torch.tensor([first.tokenizer.encode(TEXT, bos=False)])
     ppl = {
@@ -316,6 +318,32 @@ def time_to_first_token(hf_model, repeats: int) -> None:
         print(
             f"  {label}: ours {1000 * a:.0f} ms, transformers prefill (+ our encoder) {1000 * b:.0f} ms, {a / b:.2f}x"
         )
+
+
+def tracing_cost(new_tokens: int, repeats: int) -> None:
+    """The demo model answering an image question through a one-slot engine, before and after a
+    traced answer (``llama_adapter.explain``, eager, recording every layer): tracing is paid only
+    by the answer that asks for it, and leaves the normal decode as fast as it was."""
+    demo = llama_adapter.load()
+    engine = endless_engine(demo, 1)
+    picture = open_image(ASSETS / "examples" / "circle.png")
+    question = demo.encode(demo.render(IMAGE_QUESTION))
+    visual = demo.visual_prompt(picture)
+    ours(engine, question, 4, visual)
+
+    def normal() -> float:
+        return max(ours(engine, question, new_tokens, visual).decode_rate for _ in range(repeats))
+
+    before = normal()
+    started = time.perf_counter()
+    trace = llama_adapter.explain(demo, IMAGE_QUESTION, picture, max_new_tokens=new_tokens, temperature=0)
+    traced = len(trace.token_ids) / (time.perf_counter() - started)
+    after = normal()
+    print(
+        f"tracing (the demo model, image question, 1 slot): decode {before:.1f} tok/s before a traced answer, "
+        f"{after:.1f} after it ({after / before:.2f}x); the traced answer itself {traced:.1f} tok/s "
+        "(prefill and recording included)"
+    )
 
 
 if __name__ == "__main__":
