@@ -11,8 +11,11 @@ import torch
 from llama_adapter.tiny import random_base
 from train import fit, setup
 from train.evaluate import (
+    accuracy_by_kind,
+    answer_kind,
     evaluate_perplexity,
     evaluate_vqa,
+    judge,
     load_pipeline,
     main,
     normalize_answer,
@@ -80,6 +83,44 @@ def test_normalisation_and_vqa_score():
     assert vqa_score("yes", ["yes"] * 3 + ["no"]) == 1.0
 
 
+@pytest.mark.parametrize(
+    "reply, reference, right",
+    [
+        ("Yes, the shape is brown.", "yes", True),
+        ("yes", "yes", True),
+        ("No, it is a green circle.", "yes", False),
+        ("No, there is no red shape.", "no", True),
+        ("The answer is yes.", "yes", False),  # yes/no: the first word decides
+        ("The circle is grey.", "gray", True),  # an explicit synonym
+        ("It is gray.", "grey", False),  # synonyms belong to the reference word only
+        ("It is red or blue.", "red", False),  # two colours answer nothing
+        ("The red shape is a circle.", "circle", True),  # other sets' words are fine
+        ("It is reddish.", "red", False),  # whole words only
+        ("Two triangles.", "triangle", True),  # plurals
+        ("The trains go to LEEDS.", "Leeds", True),
+        ("The total is $18.56.", "$18.56", True),
+        ("It costs $1.9.", "$1.99", False),
+        ("Platform 9.", "PLATFORM 9", True),
+        ("", "circle", False),
+    ],
+)
+def test_free_form_replies_are_judged_from_their_words(reply, reference, right):
+    assert judge(reply, reference) is right
+
+
+def test_a_model_that_always_says_yes_scores_half_balanced():
+    references = ["yes"] * 30 + ["no"] * 10 + ["circle"] * 10
+    kinds = [answer_kind(r) for r in references]
+    assert kinds == ["yes"] * 30 + ["no"] * 10 + ["shape"] * 10
+    result = accuracy_by_kind(kinds, [float(judge("Yes, it is.", r)) for r in references])
+    assert result["accuracy"] == pytest.approx(30 / 50) and result["balanced_yes_no"] == pytest.approx(0.5)
+    assert result["by_kind"] == {
+        "no": {"accuracy": 0.0, "items": 10},
+        "shape": {"accuracy": 0.0, "items": 10},
+        "yes": {"accuracy": 1.0, "items": 30},
+    }
+
+
 def test_tiny_adapter_loads_with_its_random_base_and_encoder(trained):
     adapter, encoder = trained
     pipe = load_pipeline(None, str(adapter))
@@ -102,8 +143,14 @@ def test_vqa_accuracy_on_easy_vqa_layout(adapter, easy_vqa, tmp_path):
     llava.write_text(json.dumps([{"image": "images/0.png", "conversations": turns, "short_answer": "circle"}]))
     assert read_vqa(llava) == [{"image": rows[0]["image"], "question": "What shape?", "answers": ["circle"]}]
     result = evaluate_vqa(load_pipeline(None, str(adapter)), rows, batch_size=2, max_new_tokens=3)
-    assert result["count"] == 4 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["count"] == 4 and 0.0 <= result["accuracy"] <= 1.0 and result["judge"] == "free"
     assert all(p["score"] == vqa_score(p["prediction"], p["answers"]) for p in result["predictions"])
+    # "square" is not one of the closed shape set (easy-VQA has none): judged as text
+    assert set(result["by_kind"]) == {"shape", "colour", "text"} and "balanced_yes_no" not in result
+    exact = evaluate_vqa(load_pipeline(None, str(adapter)), rows, judge="exact", batch_size=2, max_new_tokens=3)
+    assert all(p["score"] == vqa_score(p["prediction"], p["answers"], "exact") for p in exact["predictions"])
+    with pytest.raises(ValueError, match="judge"):
+        evaluate_vqa(load_pipeline(None, str(adapter)), rows, judge="loose")
     out = tmp_path / "preds.jsonl"
     main(
         [

@@ -1,8 +1,11 @@
 """Evaluation of a trained adapter.
 
-* ``python -m train.evaluate vqa --data questions.json --adapter A`` — VQA accuracy: normalised
-  exact match (VQAv2's min(#matching humans / 3, 1) when a question has several answers). Reads
-  easy-VQA's ``[question, answer, image_id]`` rows or ``{image, question, answer(s)}`` dicts.
+* ``python -m train.evaluate vqa --data questions.json --adapter A`` — VQA accuracy of free-form
+  replies to the questions as typed, judged from their words (:func:`judge`), per answer kind
+  (yes, no, shape, colour, text) with the balanced yes/no accuracy; ``--judge exact`` scores the
+  normalised exact match instead (one-word answers). VQAv2's min(#matching humans / 3, 1) when a
+  question has several answers. Reads easy-VQA's ``[question, answer, image_id]`` rows,
+  ``{image, question, answer(s)}`` dicts or one-turn LLaVA conversations.
 * ``python -m train.evaluate perplexity --data held_out.json --adapter A`` — perplexity over the
   answer tokens of held-out instructions, through the training data pipeline (same prompts).
 * ``python -m train.evaluate mme --mme-dir MME_Benchmark_release_version --out results/`` — one
@@ -84,17 +87,92 @@ def normalize_answer(text: str) -> str:
     """Lower case; drop punctuation, articles and a final period; number words → digits."""
     text = text.strip().lower().replace("\n", " ").replace("\t", " ")
     text = _PUNCT.sub(" ", text)
-    text = re.sub(r"(?<!\d)\.(?!\d)", " ", text)  # periods, but not decimal points
+    text = re.sub(r"\.(?!\d)", " ", text)  # periods, but not decimal points ("costs $1.99." ends in one)
     words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
     return " ".join(_CONTRACTIONS.get(w, w) for w in words)
 
 
-def vqa_score(prediction: str, answers: list[str]) -> float:
-    pred = normalize_answer(prediction)
-    matches = sum(normalize_answer(a) == pred for a in answers)
+# -- judging a free-form reply -----------------------------------------------------------------------
+#
+# People type a question and read a sentence back ("Yes, the shape is brown."), so a reply is
+# judged from its words, after normalize_answer:
+# * yes/no questions by the reply's first word ("Yes, ..." / "No, ...");
+# * every other answer by the reference appearing in the reply as whole words. A word also matches
+#   its plural (+s, +es) and the synonyms below. A reference from a closed set (the colours, the
+#   shapes) must be the only member of its set that the reply names: "red or blue" answers nothing.
+
+YES_NO = ("yes", "no")
+ANSWER_SETS: dict[str, tuple[str, ...]] = {
+    "colour": ("red", "green", "blue", "black", "white", "gray", "teal", "brown", "yellow", "orange", "purple", "pink"),
+    "shape": ("circle", "rectangle", "triangle"),
+}
+SYNONYMS: dict[str, tuple[str, ...]] = {"gray": ("grey",)}
+JUDGES = ("free", "exact")
+
+
+def answer_kind(reference: str) -> str:
+    """``yes``, ``no``, ``colour``, ``shape`` (a closed set above) or ``text`` (anything else)."""
+    ref = normalize_answer(reference)
+    if ref in YES_NO:
+        return ref
+    return next((kind for kind, words in ANSWER_SETS.items() if ref in words), "text")
+
+
+def _forms(word: str) -> set[str]:
+    return {word, word + "s", word + "es", *SYNONYMS.get(word, ())}
+
+
+def names(reply: str, answer: str) -> bool:
+    """Whether the normalised ``answer`` appears in the ``reply`` as whole words (its last word also
+    as a plural or synonym)."""
+    said, wanted = normalize_answer(reply).split(), normalize_answer(answer).split()
+    if not wanted:
+        return False
+    n = len(wanted)
+    return any(
+        said[i : i + n - 1] == wanted[:-1] and said[i + n - 1] in _forms(wanted[-1]) for i in range(len(said) - n + 1)
+    )
+
+
+def judge(reply: str, reference: str) -> bool:
+    """A free-form ``reply`` is right for ``reference`` (see the rules above)."""
+    kind = answer_kind(reference)
+    if kind in YES_NO:
+        words = normalize_answer(reply).split()
+        return bool(words) and words[0] == kind
+    if not names(reply, reference):
+        return False
+    others = [w for w in ANSWER_SETS.get(kind, ()) if w != normalize_answer(reference)]
+    return not any(names(reply, w) for w in others)
+
+
+def exact_match(reply: str, reference: str) -> bool:
+    """The normalised reply is the normalised reference (one-word answers)."""
+    return normalize_answer(reply) == normalize_answer(reference)
+
+
+def vqa_score(prediction: str, answers: list[str], judge_name: str = "free") -> float:
+    match = judge if judge_name == "free" else exact_match
+    matches = sum(match(prediction, a) for a in answers)
     if len(answers) >= 3:  # several human answers (VQAv2): 3 agreeing humans give full credit
         return min(1.0, matches / 3)
     return float(matches > 0)
+
+
+def accuracy_by_kind(kinds: list[str], scores: list[float]) -> dict[str, Any]:
+    """Mean score overall and per answer kind, and the balanced yes/no accuracy (the mean of the
+    yes and no accuracies: a model that always says "yes" gets 50 %)."""
+    by_kind: dict[str, list[float]] = {}
+    for kind, score in zip(kinds, scores):
+        by_kind.setdefault(kind, []).append(score)
+    result: dict[str, Any] = {
+        "accuracy": sum(scores) / len(scores) if scores else float("nan"),
+        "items": len(scores),
+        "by_kind": {k: {"accuracy": sum(v) / len(v), "items": len(v)} for k, v in sorted(by_kind.items())},
+    }
+    if "yes" in by_kind and "no" in by_kind:
+        result["balanced_yes_no"] = (result["by_kind"]["yes"]["accuracy"] + result["by_kind"]["no"]["accuracy"]) / 2
+    return result
 
 
 # -- loading ------------------------------------------------------------------------------------------
@@ -152,22 +230,40 @@ def evaluate_vqa(
     rows: list[dict[str, Any]],
     *,
     prompt: str = "{question}",
+    judge: str = "free",
+    with_images: bool = True,
     batch_size: int = 8,
-    max_new_tokens: int = 10,
+    max_new_tokens: int = 24,
 ) -> dict[str, Any]:
-    """Greedy answers to every row; returns accuracy and the answers."""
+    """Greedy replies to every row (without its image if not ``with_images``: the blind
+    baseline; with a row's ``context``, expert text, in the prompt as the app puts it), judged
+    free-form or by exact match; returns the accuracy overall and per answer kind
+    (:func:`accuracy_by_kind`), and every reply."""
+    if judge not in JUDGES:
+        raise ValueError(f"judge must be one of {', '.join(JUDGES)}; got {judge!r}")
+
+    def message(row: dict[str, Any]) -> list[dict[str, str]]:
+        user = {"role": "user", "content": prompt.format(question=row["question"])}
+        return [{**user, "context": row["context"]} if row.get("context") else user]
+
     predictions = []
-    for i in tqdm(range(0, len(rows), batch_size), desc="vqa", unit="batch"):
+    for i in tqdm(range(0, len(rows), batch_size), desc="vqa", unit="batch", mininterval=5):
         chunk = rows[i : i + batch_size]
         answers = pipe.generate_batch(
-            [prompt.format(question=r["question"]) for r in chunk],
-            [r["image"] for r in chunk],
+            [message(r) for r in chunk],
+            [r["image"] for r in chunk] if with_images else None,
             max_new_tokens=max_new_tokens,
         )
         for row, answer in zip(chunk, answers):
-            predictions.append({**row, "prediction": answer.strip(), "score": vqa_score(answer, row["answers"])})
-    accuracy = sum(p["score"] for p in predictions) / max(len(predictions), 1)
-    return {"accuracy": accuracy, "count": len(predictions), "predictions": predictions}
+            score = vqa_score(answer, row["answers"], judge)
+            predictions.append({**row, "prediction": answer.strip(), "score": score})
+    kinds = [answer_kind(p["answers"][0]) for p in predictions]
+    return {
+        **accuracy_by_kind(kinds, [p["score"] for p in predictions]),
+        "judge": judge,
+        "count": len(predictions),
+        "predictions": predictions,
+    }
 
 
 # -- perplexity ---------------------------------------------------------------------------------------
@@ -279,11 +375,13 @@ def main(argv: list[str] | None = None) -> None:
     shared.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     shared.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16/fp16 on GPU, fp32 on CPU")
     shared.add_argument("--batch-size", type=int, default=8)
-    vqa = commands.add_parser("vqa", parents=[shared], help="VQA accuracy (normalised exact match)")
+    vqa = commands.add_parser("vqa", parents=[shared], help="VQA accuracy of free-form replies, per answer kind")
     vqa.add_argument("--data", required=True, help="VQA-style JSON (easy-VQA questions.json or dicts)")
     vqa.add_argument("--limit", type=int, help="first N questions only")
     vqa.add_argument("--prompt", default="{question}", help="prompt template around {question}")
-    vqa.add_argument("--max-new-tokens", type=int, default=10)
+    vqa.add_argument("--judge", choices=JUDGES, default="free", help="free: judged from the words (default); exact")
+    vqa.add_argument("--no-image", action="store_true", help="ask without the images (the blind baseline)")
+    vqa.add_argument("--max-new-tokens", type=int, default=24)
     vqa.add_argument("--out", help="write every prediction to this JSONL file")
     ppl = commands.add_parser("perplexity", parents=[shared], help="perplexity on held-out instructions")
     ppl.add_argument("--data", required=True, help="instruction JSON/JSONL (or a caption CSV)")
@@ -301,12 +399,14 @@ def main(argv: list[str] | None = None) -> None:
             pipe,
             read_vqa(args.data, args.limit),
             prompt=args.prompt,
+            judge=args.judge,
+            with_images=not args.no_image,
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
         )
         if args.out:
             Path(args.out).write_text("".join(json.dumps(p) + "\n" for p in result["predictions"]))
-        print(json.dumps({"accuracy": result["accuracy"], "count": result["count"]}))
+        print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
     elif args.command == "perplexity":
         print(json.dumps(evaluate_perplexity(pipe, args.data, batch_size=args.batch_size, max_len=args.max_len)))
     else:
