@@ -89,7 +89,11 @@ class ImageNetTagger(Expert):
         return [(categories[int(i)], float(p)) for p, i in zip(values, indices)]
 
     def describe(self, image: Image.Image) -> str:
-        tags = self.tags(image)
+        return self.format_tags(self.tags(image))
+
+    def format_tags(self, tags: list[tuple[str, float]]) -> str:
+        """The text of ``tags`` (best first) as the prompt shows it: ``"espresso 94%, cup 3%."``,
+        the top tag and those above ``min_probability``."""
         kept = [tags[0]] + [(name, p) for name, p in tags[1:] if p >= self.min_probability]
         return ", ".join(f"{name} {p:.0%}" for name, p in kept) + "."
 

@@ -235,6 +235,12 @@ class AdapterConfig:
     wk/wv, as token inputs are. The released code feeds them raw (``official`` keeps that); on
     SmolLM2 raw prompts give keys ~7x and values ~24x larger than the tokens' in layer 0, and
     training with early fusion diverged.
+
+    ``visual_positions`` gives the encoder's tokens a learnable position embedding (as many as it
+    has tokens; 0: none), so that the visual queries know where on the grid a feature lies: 49
+    for EfficientNet-Lite0's 7×7 map. CLIP's tokens carry their own, so the official wiring has
+    none (its checkpoints hold no such tensor), and an adapter saved before the setting existed
+    reads as 0.
     """
 
     wiring: Wiring = "paper"
@@ -251,6 +257,7 @@ class AdapterConfig:
     visual_depth: int = 8
     visual_heads: int = 16
     visual_mlp_ratio: float = 4.0
+    visual_positions: int = 0
     channel_order: Literal["RGB", "BGR"] = "RGB"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -264,6 +271,8 @@ class AdapterConfig:
             raise ValueError(f"Unknown image encoder {self.image_encoder!r}; known: {', '.join(IMAGE_ENCODERS)}")
         if self.visual_dim % self.visual_heads:
             raise ValueError("visual_dim must be divisible by visual_heads")
+        if self.visual_positions < 0:
+            raise ValueError(f"visual_positions must be 0 or the encoder's token count, got {self.visual_positions}")
 
     @classmethod
     def official(cls, base: LlamaConfig, *, lora_rank: int = 0) -> AdapterConfig:

@@ -19,6 +19,7 @@ from torch import nn
 from .config import AdapterConfig, LlamaConfig, RopeScaling
 
 Phase = Literal["pretrain", "finetune", "joint"]
+POSITION_STD = 0.02  # the visual position embedding's init, ViT's: at first the features, not their places, count
 
 
 class RMSNorm(nn.Module):
@@ -436,6 +437,9 @@ class LlamaAdapter(nn.Module):
             self.clip_proj = nn.Linear(acfg.encoder_dim, vd)
             self.clip_proj_norm = nn.LayerNorm(vd)
             self.visual_query = nn.Embedding(acfg.prompt_len, vd)
+            if acfg.visual_positions:
+                self.visual_positions = nn.Embedding(acfg.visual_positions, vd)
+                nn.init.normal_(self.visual_positions.weight, std=POSITION_STD)
             self.visual_blocks = nn.ModuleList(
                 VisualBlock(vd, acfg.visual_heads, acfg.visual_mlp_ratio) for _ in range(acfg.visual_depth)
             )
@@ -484,6 +488,8 @@ class LlamaAdapter(nn.Module):
                 for module in getattr(self, name).modules():
                     if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)):
                         module.reset_parameters()
+        if hasattr(self, "visual_positions"):
+            nn.init.normal_(self.visual_positions.weight, std=POSITION_STD)
 
     def fuse(self) -> None:
         """For inference: compute q, k, v in one matmul and w1, w3 in another, with the input
@@ -533,6 +539,13 @@ class LlamaAdapter(nn.Module):
             with torch.no_grad():
                 features = self.image_encoder(images)
         x = self.clip_proj_norm(self.clip_proj(features.float()))
+        if hasattr(self, "visual_positions"):
+            if x.shape[1] != self.adapter_config.visual_positions:
+                raise ValueError(
+                    f"The encoder gave {x.shape[1]} tokens; this adapter has position embeddings for "
+                    f"{self.adapter_config.visual_positions} (adapter config visual_positions)"
+                )
+            x = x + self.visual_positions.weight.float()
         queries = self.visual_query.weight.float().unsqueeze(0).expand(x.shape[0], -1, -1)
         x = torch.cat([queries, x], dim=1)
         for block in self.visual_blocks:
@@ -692,7 +705,15 @@ class LlamaAdapter(nn.Module):
 
 # -- parameter groups ----------------------------------------------------------------------------
 
-VISUAL_MODULES = ("clip_proj", "clip_proj_norm", "visual_query", "visual_blocks", "visual_proj", "visual_proj_norm")
+VISUAL_MODULES = (
+    "clip_proj",
+    "clip_proj_norm",
+    "visual_query",
+    "visual_positions",
+    "visual_blocks",
+    "visual_proj",
+    "visual_proj_norm",
+)
 
 
 def parameter_group(model: LlamaAdapter, name: str) -> str | None:

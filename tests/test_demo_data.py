@@ -20,7 +20,7 @@ from train.recipes import demo_data as dd
 from train.recipes.demo_data.common import COLORS, SHAPES, SPLITS, scaled
 from train.recipes.demo_data.easyvqa import SHORT_SUFFIX, parse_question
 from train.recipes.demo_data.instructions import signature
-from train.recipes.demo_data.ocr import SENTENCE_SUFFIX
+from train.recipes.demo_data.photos import imagenet_labels
 
 SCALE = 0.03
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ def load(root: Path, kind: str, split: str) -> list:
 
 def images_of(root: Path, split: str) -> set[str]:
     images = {url for url, _ in load(root, "captions", split)}
-    for kind in ("vqa", "ocr"):
+    for kind in ("vqa", "ocr", "photos"):
         images |= {item["image"] for item in load(root, kind, split)}
     return images
 
@@ -61,7 +61,7 @@ def gpt_turns(item: dict) -> list[str]:
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "out"
     paths = dd.generate(root, seed=0, scale=SCALE)
-    assert set(paths) == {f"{k}_{s}" for k in ("captions", "vqa", "ocr", "instructions") for s in SPLITS} | {
+    assert set(paths) == {f"{k}_{s}" for k in ("captions", "vqa", "ocr", "photos", "instructions") for s in SPLITS} | {
         "examples",
         "manifest",
     }
@@ -145,15 +145,58 @@ def test_easy_vqa_answers(data):
             assert item["short_answer"] in vocabulary
             question, answer = item["conversations"][0]["value"], item["conversations"][1]["value"]
             if question.endswith(SHORT_SUFFIX):
-                styles["short"] += 1
-                assert answer == item["short_answer"]
+                styles["short", item["kind"]] += 1
+                assert answer == item["short_answer"] and item["form"] == "one-word"
             else:
-                styles["sentence"] += 1
+                styles["sentence", item["kind"]] += 1
+                assert item["form"] == "free"
                 if item["short_answer"] in ("yes", "no"):
+                    assert item["kind"] == item["short_answer"]
                     assert answer.startswith(item["short_answer"].capitalize() + ",")
                 else:
                     assert re.search(rf"\b{item['short_answer']}\b", answer), item
-        assert styles["short"] == styles["sentence"] == len(items) // 2
+        kinds = ("yes", "no", "shape", "colour")
+        assert all(styles["short", k] == styles["sentence", k] > 0 for k in kinds), styles
+        if split == "heldout":  # easy-VQA's own test questions, the four answer kinds in equal shares
+            assert max(styles["sentence", k] for k in kinds) - min(styles["sentence", k] for k in kinds) <= 1
+        else:  # "Describe this image." is only asked as typed
+            assert styles["sentence", "describe"] > 0 == styles["short", "describe"]
+
+
+def attributes_from_pixels(path: Path) -> tuple[str, str] | None:
+    """(colour, None) of an easy-VQA image by its most common non-background pixel."""
+    counts = pixel_counts(path)
+    del counts[tuple(Image.open(path).convert("RGB").getpixel((0, 0)))]
+    rgb = counts.most_common(1)[0][0]
+    return next((name for name, value in COLORS.items() if value == rgb), None)
+
+
+def test_training_yes_no_questions_come_in_contrastive_pairs_balanced_per_subject(data):
+    items = [i for i in load(data, "vqa", "train") if i["kind"] in ("yes", "no") and i["form"] == "free"]
+    answers_per_question = collections.defaultdict(collections.Counter)
+    for item in items:
+        answers_per_question[item["conversations"][0]["value"]][item["kind"]] += 1
+    # Every question text is asked of an image where the answer is yes and of one where it is no.
+    assert all(c["yes"] == c["no"] > 0 for c in answers_per_question.values()), answers_per_question
+    negated = [q for q in answers_per_question if re.search(r"\bnot\b|\bno\b", q)]
+    assert 0.15 < len(negated) / len(answers_per_question) < 0.5
+    # Each subject (a colour, a shape) is asked about with both answers equally often.
+    per_subject = collections.defaultdict(collections.Counter)
+    for item in items:
+        words = set(re.findall(r"[a-z]+", item["conversations"][0]["value"].lower()))
+        for subject in words & (set(COLORS) | set(SHAPES)):
+            per_subject[subject][item["kind"]] += 1
+    assert set(per_subject) == set(COLORS) | set(SHAPES)
+    assert all(c["yes"] == c["no"] for c in per_subject.values()), per_subject
+
+
+def test_training_colour_answers_match_the_pixels(data):
+    for item in load(data, "vqa", "train"):
+        if item["kind"] == "colour":
+            assert attributes_from_pixels(data / item["image"]) == item["short_answer"], item
+        elif item["kind"] in ("yes", "no") and item["form"] == "free":
+            # The sentence says what the image shows: its colour, read here from the pixels.
+            assert attributes_from_pixels(data / item["image"]) in item["conversations"][1]["value"], item
 
 
 NEGATED = ("does the image not contain", "is there not", "is no ")
@@ -209,12 +252,22 @@ def test_ocr_answers_can_be_read_off_the_image_text(data):
         for item in load(data, "ocr", split):
             sources.add(item["source"])
             assert item["short_answer"] in item["text"].replace("\n", " "), item
-            question = item["conversations"][0]["value"]
-            if question.endswith(SENTENCE_SUFFIX):
-                assert item["short_answer"] in item["conversations"][1]["value"]
-            else:
-                assert item["conversations"][1]["value"] == item["short_answer"]
+            # Asked freely; the reply holds the text exactly as printed.
+            assert item["short_answer"] in item["conversations"][1]["value"], item
     assert {"ocr-sign", "ocr-receipt"} <= sources
+
+
+def test_photos_answer_with_the_top_tag_or_honestly(data):
+    labels = set(imagenet_labels())
+    for split in SPLITS:
+        items = load(data, "photos", split)
+        assert items
+        for item in items:
+            tags = item["tags"]
+            assert {label for label, _ in tags} <= labels and len({label for label, _ in tags}) == len(tags)
+            assert [p for _, p in tags] == sorted((p for _, p in tags), reverse=True) and sum(p for _, p in tags) <= 1
+            assert item["short_answer"] == tags[0][0] and tags[0][0] in item["answer_with_tags"]
+            assert not any(word in item["answer_without_tags"] for word in (*SHAPES, *COLORS))
 
 
 def test_receipt_totals_are_the_sums_of_their_items(data):

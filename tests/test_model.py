@@ -89,6 +89,25 @@ def test_nonzero_gate_changes_logits():
     assert not torch.allclose(text_only, after_static)
 
 
+def test_visual_queries_know_where_on_the_grid_a_feature_lies():
+    """Attention is blind to the order of its keys: without position embeddings, shuffling the
+    encoder's 49 tokens gives the same visual prompt; with them (learnt, one per grid cell) it
+    does not, and a model without them has no such tensor."""
+    torch.manual_seed(0)
+    features = torch.randn(2, 49, 1280)
+    shuffled = features[:, torch.randperm(49)]
+    plain = LlamaAdapter(LlamaConfig.from_name("tiny"), fresh_adapter("tiny")).eval()
+    placed = LlamaAdapter(LlamaConfig.from_name("tiny"), fresh_adapter("tiny", visual_positions=49)).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain.encode_image(features=features), plain.encode_image(features=shuffled), atol=1e-5)
+        assert not torch.allclose(placed.encode_image(features=features), placed.encode_image(features=shuffled))
+    assert not any("visual_positions" in n for n in adapter_state_dict(plain))
+    assert "visual_positions.weight" in dict(parameter_groups(placed)["pretrain"])
+    assert placed.visual_positions.weight.std() < 0.05  # small at the start: features first
+    with pytest.raises(ValueError, match="49"):
+        placed.encode_image(features=torch.randn(1, 50, 1280))
+
+
 def test_nonzero_bias_and_scale_change_logits():
     torch.manual_seed(0)
     model = LlamaAdapter(LlamaConfig.from_name("tiny"), fresh_adapter("tiny")).eval()

@@ -22,6 +22,7 @@ from llama_adapter.config import AdapterConfig, LlamaConfig
 from llama_adapter.errors import CheckpointError
 from llama_adapter.images import image_to_tensor
 from llama_adapter.model import LlamaAdapter, adapter_state_dict
+from llama_adapter.tiny import random_base
 from llama_adapter.weights import (
     load_adapter,
     load_base,
@@ -212,6 +213,24 @@ def test_our_adapter_round_trip(tiny_spm, tmp_path):
         expected = model(ids, visual_prompt=model.encode_image(features=features))
         got = pipe.model(ids, visual_prompt=pipe.model.encode_image(features=features))
     assert torch.allclose(expected, got, atol=1e-5)  # the pipeline fuses projections: same up to rounding
+
+
+def test_an_adapter_saved_before_visual_positions_existed_loads_without_them(tmp_path):
+    """An adapter file names every AdapterConfig field it was saved with; one from before
+    ``visual_positions`` (as the v1 demo adapter) has no such field and loads as it did."""
+    acfg = AdapterConfig.paper(TINY, image_encoder="efficientnet-lite0", visual_dim=32, visual_depth=1, visual_heads=4)
+    base = random_base("tiny")
+    model = build_model(base, None, adapter_config=acfg, pretrained_encoder=False)
+    path = tmp_path / "old.safetensors"
+    save_adapter(path, adapter_state_dict(model), acfg, base=TINY, base_name="tiny", base_fingerprint=base.fingerprint,
+                 prompt_template="alpaca")  # fmt: skip
+    meta = weights.read_adapter_metadata(path)
+    del meta["adapter_config"]["visual_positions"]
+    save_file(weights.read_tensors(path), str(path), metadata={weights.META_KEY: json.dumps(meta)})
+    loaded = read_adapter(path)
+    assert loaded.config.visual_positions == 0 and loaded.config == acfg
+    assert llama_adapter.load(adapter=path).model.adapter_config.visual_positions == 0
+    assert AdapterConfig.official(TINY).visual_positions == 0  # the released checkpoints hold no such tensor
 
 
 def test_our_adapter_on_the_wrong_base_is_refused(tiny_spm, tmp_path):

@@ -51,10 +51,15 @@ def window_record(
     """The record of the steps in ``window`` (what :func:`train.step.train_step` returned)."""
     tokens = sum(s["tokens"] for s in window)
     losses = [s["loss"] for s in window if s["loss"] is not None]
+    by_kind: dict[str, list[float]] = {}
+    for s in window:
+        if s["loss"] is not None:
+            by_kind.setdefault(s["kind"], []).append(s["loss"])
     record = {
         "step": step,
         "epoch": round(epoch, 4),
         "loss": sum(losses) / len(losses) if losses else None,
+        "loss_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
         "lr": lrs,
         "tokens_per_s": tokens / max(seconds, 1e-9),
         "tokens": tokens,

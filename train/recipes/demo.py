@@ -1,17 +1,22 @@
 """Rebuild the shipped demo model from nothing on a CPU: ``python -m train.recipes.demo``.
 
-1. Generate the data (seeded, offline): captions, easy-VQA, rendered-text images, instructions.
-2. Read every OCR image once with the OCR expert (cached next to the data), so that training
-   sees the same expert text the app shows at inference.
-3. Joint training with the paper's disjoint groups, on SmolLM2-135M-Instruct + EfficientNet-Lite0.
-4. Evaluate on held-out data: easy-VQA (with the image, without it, and the majority answer),
-   rendered text with and without the OCR expert, perplexity of held-out instructions (base vs
-   adapted).
+1. Generate the data (seeded, offline): captions, easy-VQA, rendered-text images, drawn pictures
+   with tags, instructions.
+2. Read every OCR image once with the OCR expert (cached next to the data, by image content), so
+   that training sees the same expert text the app shows at inference; a rendered-text question
+   trains only when its answer is in the text read.
+3. Joint training with the paper's disjoint groups, on SmolLM2-135M-Instruct + EfficientNet-Lite0
+   (its 7×7 feature grid, with learnt positions, is what the visual queries attend over).
+4. Evaluate on held-out data the way people ask (:mod:`train.recipes.demo_eval`), and every
+   checkpoint on a small subset (accuracy through training).
 5. Write ``assets/demo-adapter.safetensors`` (its metadata: recipe commit, data seed, base
-   fingerprint, metrics), ``assets/demo-metrics.json`` and ``assets/examples/``.
+   fingerprint, metrics), ``assets/demo-metrics.json``, ``assets/demo-recipe.log``,
+   ``assets/examples/``, the report ``assets/report/`` and the README's tables.
 
 ``--quick`` trains for a few minutes on a small subset and checks that the loss falls (CI).
-``--ablations`` trains the paper's ablations with one shared, smaller budget and writes their table.
+``--ablations`` trains the paper's ablations with one shared, smaller budget (into ``--out``;
+``--ship-ablations`` also writes ``assets/demo-ablations.json``). ``--report`` rewrites the report
+and the README's tables from the JSON in ``assets/``, training nothing.
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import random
+import resource
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +43,10 @@ import llama_adapter
 from llama_adapter.images import open_image
 from llama_adapter.weights import read_adapter, save_adapter
 
-from ..evaluate import evaluate_perplexity, normalize_answer
+from ..checkpoint import ADAPTER_FILE, list_checkpoints
+from ..evaluate import evaluate_perplexity, names
 from ..trainer import run
-from . import demo_data
+from . import demo_data, demo_eval, demo_report
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +64,22 @@ class Recipe:
     scale: float = 1.0
     data_dir: Path = ROOT / "data" / "demo"
     out_dir: Path = ROOT / "runs" / "demo"
-    steps: int = 700
+    steps: int = 800
     batch_size: int = 16
     visual_layers: int = 30  # fusion layers counted from the first; 30 = every layer of SmolLM2
     adapter_layers: int = 29  # static prompts in the last layers
     bias_scale: bool = True
-    vqa_turns: int = 4  # easy-VQA questions per training conversation
+    visual_positions: bool = True  # learnt positions on the encoder's 7×7 grid
+    vqa_turns: int = 3  # easy-VQA questions per training conversation
     stage: str = "joint"
     lr: dict[str, float] = field(default_factory=lambda: {"pretrain": 1e-3, "finetune": 5e-4})
-    ocr_limit: int | None = 300  # OCR items per split read with the expert (None: all)
-    eval_limit: int | None = 200  # held-out items per evaluation (None: all)
+    caption_weight: float = 0.25
+    ocr_images: dict[str, int | None] = field(default_factory=lambda: {"train": 120, "heldout": 80})  # None: all
+    eval_per_kind: int | None = 60  # held-out easy-VQA questions per answer kind (None: all)
+    eval_ocr: int | None = 160  # held-out rendered-text questions (None: all)
+    checkpoint_every: int = 100  # also the points of the accuracy-through-training curve
+    log_every: int = 10
+    trajectory: bool = True
 
     def adapter_config(self) -> dict[str, Any]:
         bias_scale: dict[str, Any] = {} if self.bias_scale else {"bias_targets": [], "scale": False}
@@ -72,6 +88,7 @@ class Recipe:
             "visual_dim": 256,
             "visual_depth": 2,
             "visual_heads": 8,
+            "visual_positions": 49 if self.visual_positions else 0,
             "prompt_len": 10,
             "visual_layers": self.visual_layers,
             "adapter_layers": self.adapter_layers,
@@ -79,45 +96,76 @@ class Recipe:
         }
 
 
+# -- time ---------------------------------------------------------------------------------------------
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@contextmanager
+def timed(timings: dict[str, dict[str, float]], phase: str) -> Iterator[None]:
+    """Wall and CPU seconds of a phase: on a shared machine the wall time says little, CPU / cores
+    says what the recipe would take alone."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    yield
+    timings[phase] = {"wall_s": round(time.perf_counter() - wall), "cpu_s": round(cpu_seconds() - cpu)}
+    log.info("%s: %d s wall, %d s CPU", phase, timings[phase]["wall_s"], timings[phase]["cpu_s"])
+
+
 # -- data ---------------------------------------------------------------------------------------------
 
 
 def prepare_data(recipe: Recipe) -> dict[str, Any]:
-    """The generated data (made once per seed and scale) with OCR expert text for the OCR items."""
+    """The generated data (made once per seed, scale and generator version) with the OCR expert's
+    text for the OCR images used."""
     manifest = recipe.data_dir / "manifest.json"
     current = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    if current.get("seed") != recipe.seed or current.get("scale") != recipe.scale:
+    wanted = {"seed": recipe.seed, "scale": recipe.scale, "version": demo_data.VERSION}
+    if any(current.get(k) != v for k, v in wanted.items()):
         log.info("Generating the demo data in %s (seed %d, scale %g)", recipe.data_dir, recipe.seed, recipe.scale)
         demo_data.generate(recipe.data_dir, seed=recipe.seed, scale=recipe.scale)
     d = recipe.data_dir
     read = lambda name: json.loads((d / name).read_text())  # noqa: E731
-    ocr = {split: read(f"ocr_{split}.json")[: recipe.ocr_limit] for split in ("train", "heldout")}
-    contexts = ocr_contexts([item["image"] for items in ocr.values() for item in items], d)
+    ocr = {split: first_images(read(f"ocr_{split}.json"), limit) for split, limit in recipe.ocr_images.items()}
+    contexts = ocr_contexts(sorted({item["image"] for items in ocr.values() for item in items}), d)
     return {
         "dir": d,
         "vqa_heldout": read("vqa_heldout.json"),
         "vqa_train": read("vqa_train.json"),
         "ocr": ocr,
         "contexts": contexts,
+        "photos_train": read("photos_train.json"),
         "instructions_heldout": d / "instructions_heldout.json",
     }
 
 
+def first_images(items: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """The items about the first ``limit`` images (an image has several questions)."""
+    images = list(dict.fromkeys(item["image"] for item in items))[:limit]
+    keep = set(images)
+    return [item for item in items if item["image"] in keep]
+
+
 def ocr_contexts(images: list[str], data_dir: Path) -> dict[str, str]:
-    """The OCR expert's prompt text for each image, cached in ``ocr_contexts.json`` by the data."""
+    """The OCR expert's prompt text for each image, cached in ``ocr_contexts.json`` by the
+    image's sha256 (regenerated data at the same paths is read again)."""
     from experts import run_experts
 
     cache_file = data_dir / "ocr_contexts.json"
     cache: dict[str, str] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    todo = [i for i in images if i not in cache]
+    digests = {i: hashlib.sha256((data_dir / i).read_bytes()).hexdigest() for i in images}
+    todo = [i for i in images if digests[i] not in cache]
     for n, image in enumerate(_progress(todo, "OCR expert")):
         report = run_experts(open_image(data_dir / image), "ocr", timeout_s=120, cache=None)
         if report.skipped:
             raise RuntimeError(f"The OCR expert failed on {image}: {report.skipped[0].reason}")
-        cache[image] = report.context or ""
+        cache[digests[image]] = report.context or ""
         if n % 50 == 49 or n == len(todo) - 1:
             cache_file.write_text(json.dumps(cache, indent=0, sort_keys=True))
-    return {i: cache[i] for i in images}
+    return {i: cache[digests[i]] for i in images}
 
 
 def _progress(items: list, desc: str) -> Any:
@@ -126,26 +174,41 @@ def _progress(items: list, desc: str) -> Any:
     return tqdm(items, desc=desc, unit="image", mininterval=5)
 
 
+def tag_context(tags: list[list[Any]]) -> str:
+    """The prompt text the ImageNet tagger gives for ``tags`` ([label, probability], best first),
+    exactly as the app writes it."""
+    from experts import ExpertReport, ExpertResult, ImageNetTagger
+
+    tagger = ImageNetTagger()
+    text = tagger.format_tags([(label, p) for label, p in tags])
+    report = ExpertReport([ExpertResult(tagger.name, tagger.label, tagger.context_label, "ok", text=text)])
+    return report.context or ""
+
+
 def vqa_conversations(items: list[dict[str, Any]], turns: int, seed: int, root: Path) -> list[dict[str, Any]]:
     """easy-VQA questions grouped into conversations of up to ``turns`` questions about one image:
-    an answer is one or a few tokens, so a step sees several per image for little more compute."""
+    an answer is one or a few tokens, so a step sees several per image for little more compute.
+    The one-word and the sentence form of one question never share a conversation (the second
+    would be read off the first)."""
     rng = random.Random(seed)
     by_image: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for item in items:
         by_image[item["image"]].append(item)
     conversations = []
     for image in sorted(by_image):
-        questions = by_image[image][:]
-        rng.shuffle(questions)
-        for i in range(0, len(questions), turns):
-            turns_ = [t for q in questions[i : i + turns] for t in q["conversations"]]
-            conversations.append({"image": str(root / image), "conversations": turns_})
+        by_form = [[q for q in by_image[image] if q["form"] == form] for form in ("free", "one-word")]
+        for questions in by_form:
+            rng.shuffle(questions)
+            for i in range(0, len(questions), turns):
+                turns_ = [t for q in questions[i : i + turns] for t in q["conversations"]]
+                conversations.append({"image": str(root / image), "conversations": turns_})
     return conversations
 
 
 def training_sources(recipe: Recipe, data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Captions and easy-VQA train the visual side (pretrain group); instructions and the OCR
-    questions, answered from the expert's text, train the language side (finetune group)."""
+    """Captions, easy-VQA and pictures without tags train the visual side (pretrain group);
+    instructions, and the OCR and tagged-picture questions answered from the expert's text, train
+    the language side (finetune group)."""
     d = data["dir"]
     ocr_samples = [
         {
@@ -155,17 +218,41 @@ def training_sources(recipe: Recipe, data: dict[str, Any]) -> list[dict[str, Any
             "output": item["conversations"][1]["value"],
         }
         for item in data["ocr"]["train"]
-        if data["contexts"][item["image"]]
+        # Answers are written from the text read: a question whose answer OCR missed would teach
+        # the model to make one up.
+        if names(data["contexts"][item["image"]], item["short_answer"])
+    ]
+    photos = data["photos_train"]
+    tagged = [
+        {
+            "image": str(d / p["image"]),
+            "instruction": p["question"],
+            "input": tag_context(p["tags"]),
+            "output": p["answer_with_tags"],
+        }
+        for p in photos
+    ]
+    untagged = [
+        {
+            "image": str(d / p["image"]),
+            "conversations": [
+                {"from": "human", "value": p["question"]},
+                {"from": "gpt", "value": p["answer_without_tags"]},
+            ],
+        }
+        for p in photos
     ]
     return [
-        {"path": str(d / "captions_train.tsv"), "group": "pretrain", "weight": 0.5},
+        {"path": str(d / "captions_train.tsv"), "group": "pretrain", "weight": recipe.caption_weight},
         {
             "samples": vqa_conversations(data["vqa_train"], recipe.vqa_turns, recipe.seed, d),
             "group": "pretrain",
             "weight": 1.0,
             "name": "easy-vqa",
         },
+        {"samples": untagged, "group": "pretrain", "weight": 1.0, "name": "pictures-without-tags"},
         {"samples": ocr_samples, "group": "finetune", "weight": 1.0, "name": "ocr-with-expert"},
+        {"samples": tagged, "group": "finetune", "weight": 1.0, "name": "pictures-with-tags"},
         {"path": str(d / "instructions_train.json"), "group": "finetune", "weight": 1.0},
     ]
 
@@ -195,107 +282,49 @@ def train_config(recipe: Recipe, data: dict[str, Any]) -> dict[str, Any]:
             "clip_grad": 1.0,
         },
         "engine": {"mixed_precision": "no"},
-        "checkpoint": {"every_steps": 200, "every_epochs": None, "keep_last": 1},
-        "log": {"every_steps": 10, "report_to": ["none"]},
-    }
-
-
-# -- evaluation ---------------------------------------------------------------------------------------
-
-
-def _batched_answers(pipe: llama_adapter.Pipeline, prompts: list[str], images: list | None, desc: str) -> list[str]:
-    from tqdm.auto import tqdm
-
-    answers: list[str] = []
-    for i in tqdm(range(0, len(prompts), 8), desc=desc, unit="batch", mininterval=5):
-        chunk_images = images[i : i + 8] if images is not None else None
-        answers += pipe.generate_batch(prompts[i : i + 8], chunk_images, max_new_tokens=24)
-    return answers
-
-
-def _contains(prediction: str, reference: str) -> bool:
-    """The reference answer appears in the prediction as whole words (after VQA normalisation)."""
-    pred, ref = f" {normalize_answer(prediction)} ", f" {normalize_answer(reference)} "
-    return ref.strip() != "" and ref in pred
-
-
-def evaluate(pipe: llama_adapter.Pipeline, data: dict[str, Any], limit: int | None) -> dict[str, Any]:
-    d = data["dir"]
-    short = [i for i in data["vqa_heldout"] if i["conversations"][0]["value"].endswith("Answer with one word.")]
-    short = short[:limit]
-    questions = [i["conversations"][0]["value"] for i in short]
-    references = [i["short_answer"] for i in short]
-    with_image = _batched_answers(pipe, questions, [str(d / i["image"]) for i in short], "easy-VQA")
-    without_image = _batched_answers(pipe, questions, None, "easy-VQA, no image")
-    train_answers = collections.Counter(i["short_answer"] for i in data["vqa_train"])
-    majority = train_answers.most_common(1)[0][0]
-    score = lambda preds: (
-        sum(  # noqa: E731
-            normalize_answer(p) == normalize_answer(r) for p, r in zip(preds, references)
-        )
-        / max(len(references), 1)
-    )
-
-    ocr = data["ocr"]["heldout"][:limit]
-    ocr_messages_with = [
-        [{"role": "user", "content": i["conversations"][0]["value"], "context": data["contexts"][i["image"]]}]
-        for i in ocr
-    ]
-    ocr_messages_without = [[{"role": "user", "content": i["conversations"][0]["value"]}] for i in ocr]
-    ocr_images = [str(d / i["image"]) for i in ocr]
-    with_expert = _batched_answers(pipe, ocr_messages_with, ocr_images, "OCR questions, expert on")
-    without_expert = _batched_answers(pipe, ocr_messages_without, ocr_images, "OCR questions, expert off")
-    ocr_score = lambda preds: (
-        sum(  # noqa: E731
-            _contains(p, i["short_answer"]) for p, i in zip(preds, ocr)
-        )
-        / max(len(ocr), 1)
-    )
-
-    return {
-        "easy_vqa": {
-            "items": len(short),
-            "accuracy": score(with_image),
-            "accuracy_without_image": score(without_image),
-            "majority_answer": majority,
-            "accuracy_majority": score([majority] * len(short)),
-            "samples": [
-                {"question": q, "answer": a, "reference": r}
-                for q, a, r in list(zip(questions, with_image, references))[:10]
-            ],
-        },
-        "ocr": {
-            "items": len(ocr),
-            "accuracy_with_expert": ocr_score(with_expert),
-            "accuracy_without_expert": ocr_score(without_expert),
-            "samples": [
-                {
-                    "question": i["conversations"][0]["value"],
-                    "with_expert": a,
-                    "without_expert": b,
-                    "reference": i["short_answer"],
-                }
-                for i, a, b in list(zip(ocr, with_expert, without_expert))[:10]
-            ],
-        },
-        "perplexity": evaluate_perplexity(pipe, data["instructions_heldout"])["perplexity"],
+        "checkpoint": {"every_steps": recipe.checkpoint_every, "every_epochs": None, "keep_last": 1000},
+        "log": {"every_steps": recipe.log_every, "report_to": ["none"]},
     }
 
 
 # -- the whole recipe ---------------------------------------------------------------------------------
 
 
-def train_and_evaluate(recipe: Recipe, data: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    started = time.perf_counter()
-    adapter = run(train_config(recipe, data))
-    trained = time.perf_counter()
-    pipe = llama_adapter.load(adapter=adapter)
-    metrics = evaluate(pipe, data, recipe.eval_limit)
-    metrics["train_seconds"] = round(trained - started)
-    metrics["eval_seconds"] = round(time.perf_counter() - trained)
+def train_and_evaluate(
+    recipe: Recipe, data: dict[str, Any], timings: dict[str, dict[str, float]]
+) -> tuple[Path, dict[str, Any]]:
+    """Train, evaluate the final adapter on the held-out data and (``recipe.trajectory``) every
+    checkpoint on a subset of it; the metrics hold the loss and accuracy curves too."""
+    heldout = demo_eval.held_out(data, recipe.eval_per_kind, recipe.eval_ocr)
+    with timed(timings, f"{recipe.name}: training"):
+        adapter = run(train_config(recipe, data))
+    run_dir = recipe.out_dir / recipe.name
+    with timed(timings, f"{recipe.name}: evaluation"):
+        metrics = demo_eval.evaluate(llama_adapter.load(adapter=adapter), heldout)
+    metrics["loss_curve"] = loss_curve(run_dir)
+    if recipe.trajectory:
+        with timed(timings, f"{recipe.name}: accuracy through training"):
+            metrics["accuracy_curve"] = accuracy_curve(run_dir, heldout.subset(12, 16))
     metrics["recipe"] = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(recipe).items()}
-    log.info("%s: %s", recipe.name, json.dumps({k: v for k, v in metrics.items() if k != "recipe"}, default=str))
+    log.info("%s: %s", recipe.name, json.dumps(demo_report.headline(metrics)))
     return adapter, metrics
+
+
+def loss_curve(run_dir: Path) -> list[dict[str, Any]]:
+    """The logged training loss per step window, by kind of batch (pretrain/image, finetune/...)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{"step": r["step"], "loss": r["loss"], "by_kind": r.get("loss_by_kind", {})} for r in rows if "step" in r]
+
+
+def accuracy_curve(run_dir: Path, subset: demo_eval.HeldOut) -> list[dict[str, Any]]:
+    """Held-out accuracy of every checkpoint on ``subset``."""
+    points = []
+    for checkpoint in list_checkpoints(run_dir):
+        pipe = llama_adapter.load(adapter=checkpoint / ADAPTER_FILE)
+        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        points.append({"step": step, **demo_eval.trajectory_point(pipe, subset)})
+        log.info("accuracy at step %d: %s", step, points[-1])
+    return points
 
 
 def git_commit() -> str:
@@ -307,12 +336,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def ship(adapter: Path, metrics: dict[str, Any], recipe: Recipe, data: dict[str, Any], seconds: float) -> Path:
+def ship(adapter: Path, metrics: dict[str, Any], recipe: Recipe, data: dict[str, Any], commit: str) -> Path:
     """Copy the adapter into ``assets/`` with the recipe's provenance and metrics in its metadata."""
     weights = read_adapter(adapter)
     meta = weights.metadata
     from llama_adapter.config import LlamaConfig
 
+    headline = {k: v for k, v in metrics.items() if k not in ("recipe", "loss_curve", "accuracy_curve")}
     target = save_adapter(
         ASSETS / "demo-adapter.safetensors",
         weights.state_dict,
@@ -326,12 +356,13 @@ def ship(adapter: Path, metrics: dict[str, Any], recipe: Recipe, data: dict[str,
             "training": meta.get("training", {}),
             "recipe": {
                 "command": "python -m train.recipes.demo",
-                "commit": git_commit(),
+                "commit": commit,
                 "data_seed": recipe.seed,
-                "data_manifest_sha256": json.loads((data["dir"] / "manifest.json").read_text()).get("files", {}),
-                "seconds": round(seconds),
+                "data_manifest_sha256": json.loads((data["dir"] / "manifest.json").read_text()).get("sha256", {}),
+                "seconds": metrics["timings"]["total"]["wall_s"],
+                "cpu_seconds": metrics["timings"]["total"]["cpu_s"],
             },
-            "metrics": {k: v for k, v in metrics.items() if k not in ("recipe",)},
+            "metrics": headline,
         },
     )
     (ASSETS / "demo-metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
@@ -343,20 +374,35 @@ def ship(adapter: Path, metrics: dict[str, Any], recipe: Recipe, data: dict[str,
 
 
 def loss_fell(output_dir: Path) -> tuple[float, float]:
-    """Mean loss of the first and last fifth of the logged steps."""
+    """Mean loss per answer token over the first and the last quarter of the logged steps (a
+    few batches each: one batch of 4 mixed samples is too noisy to compare)."""
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    losses = [r["loss"] for r in rows if r.get("loss") is not None]
-    k = max(1, len(losses) // 5)
-    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    return first, last
+    rows = [r for r in rows if r.get("loss") is not None]
+    k = max(1, len(rows) // 4)
+
+    def mean(part: list[dict[str, Any]]) -> float:
+        return sum(r["loss"] * r["tokens"] for r in part) / sum(r["tokens"] for r in part)
+
+    return mean(rows[:k]), mean(rows[-k:])
 
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "reference": {},
+    "no position embedding on the 7×7 grid": {"visual_positions": False},
     "visual tokens into the early layers only": {"visual_layers": 2},
     "one stage, every batch trains everything": {"stage": "all"},
     "bias and scale off": {"bias_scale": False},
 }
+
+
+def write_report(readme: Path = ROOT / "README.md") -> Path:
+    """``assets/report/`` and the README's tables, from the JSON in ``assets/``."""
+    metrics = json.loads((ASSETS / "demo-metrics.json").read_text())
+    ablations_file = ASSETS / "demo-ablations.json"
+    ablations = json.loads(ablations_file.read_text()) if ablations_file.is_file() else None
+    page = demo_report.write_report(metrics, ablations, ASSETS / "report")
+    demo_report.update_readme(readme, demo_report.readme_block(metrics, ablations))
+    return page
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,24 +410,33 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m train.recipes.demo",
         description="Rebuild the shipped demo adapter (assets/demo-adapter.safetensors) from nothing, offline, "
         "on a CPU. Generates the data, reads OCR images with the OCR expert, trains jointly, evaluates "
-        "on held-out data and writes the adapter, its metrics and example images into assets/.",
+        "on held-out data and writes the adapter, its metrics, the log, example images and the report "
+        "into assets/.",
     )
     parser.add_argument("--quick", action="store_true", help="a few minutes on a small subset; checks the loss falls")
     parser.add_argument("--ablations", action="store_true", help="the paper's ablations, one shared budget")
+    parser.add_argument(
+        "--ship-ablations", action="store_true", help="with --ablations: also write assets/demo-ablations.json"
+    )
+    parser.add_argument("--report", action="store_true", help="only rewrite assets/report/ and the README's tables")
     parser.add_argument("--seed", type=int, default=0, help="data and training seed")
     parser.add_argument(
-        "--steps", type=int, help="optimiser steps (default: 700, --quick 24, --ablations 120 of batch 8)"
+        "--steps", type=int, help="optimiser steps (default: 800, --quick 48, --ablations 120 of batch 8)"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "demo", help="training runs go here")
     parser.add_argument("--no-ship", action="store_true", help="do not write into assets/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
 
-    started = time.perf_counter()
+    if args.report:
+        log.info("Wrote %s", write_report())
+        return 0
+
     if args.quick:
         recipe = Recipe(
             name="quick", seed=args.seed, scale=0.02, data_dir=args.out / "quick-data", out_dir=args.out,
-            steps=args.steps or 24, batch_size=4, ocr_limit=6, eval_limit=4,
+            steps=args.steps or 48, batch_size=4, ocr_images={"train": 6, "heldout": 2}, eval_per_kind=1, eval_ocr=2,
+            trajectory=False, log_every=1,
         )  # fmt: skip
         data = prepare_data(recipe)
         adapter = run(train_config(recipe, data))
@@ -392,27 +447,49 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
 
+    timings: dict[str, dict[str, float]] = {}
     if args.ablations:
         base = Recipe(
-            seed=args.seed, out_dir=args.out / "ablations", steps=args.steps or 120, batch_size=8, eval_limit=60
-        )
+            seed=args.seed, out_dir=args.out / "ablations", steps=args.steps or 120, batch_size=8,
+            eval_per_kind=20, eval_ocr=40, trajectory=False,
+        )  # fmt: skip
         data = prepare_data(base)
         table = {}
         for name, change in ABLATIONS.items():
-            _, metrics = train_and_evaluate(dataclasses.replace(base, name=name, **change), data)
-            table[name] = metrics
-        (ASSETS / "demo-ablations.json").write_text(json.dumps(table, indent=2, default=str) + "\n")
+            _, metrics = train_and_evaluate(dataclasses.replace(base, name=name, **change), data, timings)
+            table[name] = {k: v for k, v in metrics.items() if k not in ("loss_curve", "photos")}
+        targets = [args.out / "ablations" / "ablations.json"] + (
+            [ASSETS / "demo-ablations.json"] if args.ship_ablations else []
+        )
+        for target in targets:
+            target.write_text(json.dumps(table, indent=2, default=str) + "\n")
+            log.info("Wrote %s", target)
         return 0
 
-    recipe = Recipe(seed=args.seed, out_dir=args.out, **({"steps": args.steps} if args.steps else {}))
-    data = prepare_data(recipe)
-    adapter, metrics = train_and_evaluate(recipe, data)
-    base_pipe = llama_adapter.load("smollm2-135m")
-    metrics["perplexity_base"] = evaluate_perplexity(base_pipe, data["instructions_heldout"])["perplexity"]
+    commit = git_commit()  # before anything is written: the code this run is built by
+    log_file = None
     if not args.no_ship:
-        shipped = ship(adapter, metrics, recipe, data, time.perf_counter() - started)
-        log.info("Wrote %s", shipped)
-    log.info("Total %.0f s", time.perf_counter() - started)
+        log_file = logging.FileHandler(ASSETS / "demo-recipe.log", mode="w")
+        log_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        logging.getLogger().addHandler(log_file)
+    log.info("python -m train.recipes.demo %s at commit %s", " ".join(argv or sys.argv[1:]), commit)
+    recipe = Recipe(seed=args.seed, out_dir=args.out, **({"steps": args.steps} if args.steps else {}))
+    with timed(timings, "total"):
+        with timed(timings, "data and OCR"):
+            data = prepare_data(recipe)
+        adapter, metrics = train_and_evaluate(recipe, data, timings)
+        with timed(timings, "base perplexity"):
+            metrics["perplexity_base"] = evaluate_perplexity(
+                llama_adapter.load("smollm2-135m"), data["instructions_heldout"]
+            )["perplexity"]
+    metrics["timings"] = timings
+    if not args.no_ship:
+        shipped = ship(adapter, metrics, recipe, data, commit)
+        log.info("Wrote %s and %s", shipped, write_report())
+    log.info("Total %d s wall, %d s CPU", timings["total"]["wall_s"], timings["total"]["cpu_s"])
+    if log_file is not None:
+        logging.getLogger().removeHandler(log_file)
+        log_file.close()
     return 0
 
 

@@ -1,6 +1,6 @@
 """Offline, seed-reproducible training data for the demo model (easy-VQA shapes, drawn scenes,
-rendered text for the OCR expert, text-only instructions). ``python -m train.recipes.demo_data
---out data/demo --seed 0 [--scale 0.05]``
+rendered text for the OCR expert, drawn pictures for the tagger, text-only instructions).
+``python -m train.recipes.demo_data --out data/demo --seed 0 [--scale 0.05]``
 
 Everything is made on this machine from the ``easy-vqa`` package, Pillow and the Debian DejaVu
 fonts; the same seed (and the same Pillow, FreeType and DejaVu versions, recorded in the manifest)
@@ -13,15 +13,17 @@ the files, which is where the training loader looks for them)::
     captions_{train,heldout}.tsv      url<TAB>caption, the official LLaMA-Adapter pretrain shape
     vqa_{train,heldout}.json          LLaVA conversations on easy-VQA images, short and sentence answers
     ocr_{train,heldout}.json          LLaVA conversations on rendered signs, labels, receipts, ...
+    photos_{train,heldout}.json       drawn pictures with random ImageNet tags and both answers
     instructions_{train,heldout}.json Alpaca {instruction, input, output} and text-only conversations
-    images/easyvqa/{train,heldout}/<easy-VQA id>.png, images/scenes/..., images/ocr/...
+    images/easyvqa/{train,heldout}/<easy-VQA id>.png, images/scenes/..., images/ocr/..., images/photos/...
     examples/*.png + examples/examples.json   images and questions for the app and README
     manifest.json                     seed, scale, counts, sha256 of every data file, version
 
 Answer styles: an easy-VQA question with " Answer with one word." gets easy-VQA's one-word answer,
-the plain question a short sentence. An OCR question gets the exact text read (e.g. ``$12.40``);
-with " Answer in a full sentence." it gets a sentence. ``short_answer`` always holds the exact
-answer used for scoring.
+the plain question a short sentence (a yes/no one starting "Yes," or "No,"). An OCR question, asked
+as people ask it, gets a sentence holding the exact text (e.g. ``$12.40``) or the text alone. A
+photo question gets a sentence naming the top tag (with the tags in the prompt) or an honest "I
+can't tell" (without). ``short_answer`` always holds the exact answer used for scoring.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy as np
 import PIL
 from PIL import features
 
-from . import captions, easyvqa, instructions, ocr
+from . import captions, easyvqa, instructions, ocr, photos
 from .common import SPLITS, Settings, scaled, sha256_file, write_json
 from .drawing import used_fonts
 from .examples import build_examples
@@ -49,17 +51,19 @@ from .examples import build_examples
 log = logging.getLogger(__name__)
 
 GENERATOR = "train.recipes.demo_data"
-VERSION = "1.0.0"
+VERSION = "2.0.0"
 
 DEFAULT_COUNTS: dict[str, int] = {
     "captions_easyvqa_train": 3500,
     "captions_easyvqa_heldout": 400,
     "captions_scenes_train": 2500,
     "captions_scenes_heldout": 300,
-    "vqa_train": 6000,
-    "vqa_heldout": 600,
+    "vqa_train": 9000,
+    "vqa_heldout": 800,
     "ocr_train": 800,
     "ocr_heldout": 200,
+    "photos_train": 500,
+    "photos_heldout": 50,
     "instructions_train": 600,
     "instructions_heldout": 100,
 }
@@ -69,6 +73,7 @@ KINDS: dict[str, tuple[Callable[[Settings], dict[str, list[Any]]], str]] = {
     "captions": (captions.build, "tsv"),
     "vqa": (easyvqa.build, "json"),
     "ocr": (ocr.build, "json"),
+    "photos": (photos.build, "json"),
     "instructions": (instructions.build, "json"),
 }
 WRITERS: dict[str, Callable[[Path, Any], None]] = {"tsv": captions.write_captions, "json": write_json}

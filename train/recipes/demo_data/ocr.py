@@ -1,7 +1,9 @@
-"""Rendered text for the OCR expert, of six kinds: signs, product labels, receipts, price tags,
-name badges and licence plates. Each kind draws its words from a per-seed split of word lists, so
-held-out images show words never seen in train; an answer is the exact text read (what OCR is
-scored on), or with " Answer in a full sentence." a sentence."""
+"""Rendered text for the OCR expert, of six kinds: signs (platform signs among them), product
+labels, receipts, price tags, name badges and licence plates. Each kind draws its words from a
+per-seed split of word lists, so held-out images show words never seen in train. Questions are
+asked freely, as people ask them ("Where do the trains go?", "How much are the apples?", "What is
+the total?"), several per image; an answer is the text read, alone or in a short sentence that
+holds it exactly as printed (what reading is scored on)."""
 
 from __future__ import annotations
 
@@ -15,8 +17,6 @@ from tqdm import tqdm
 
 from .common import RGB, SPLITS, Settings, png_digest, unique_image
 from .drawing import Layout, Row, render_layout
-
-SENTENCE_SUFFIX = " Answer in a full sentence."
 
 WHITE, NEAR_BLACK = (255, 255, 255), (20, 20, 20)
 SIGN_SCHEMES: tuple[tuple[RGB, RGB], ...] = (
@@ -121,6 +121,9 @@ class Product:
 
     def cost_question(self) -> str:
         return f"How much {'do' if self.plural else 'does'} the {self.noun} cost?"
+
+    def how_much_question(self) -> str:
+        return f"How much {'are' if self.plural else 'is'} the {self.noun}?"
 
 
 _SINGULAR_DRY = (
@@ -259,7 +262,24 @@ def sign_qas(text: str) -> list[QA]:
         ("What does the sign say?", text, f"The sign says {text}."),
         ("What is written on the sign?", text, f"The sign reads {text}."),
         ("What text is on the sign?", text, f"The sign says {text}."),
+        ("What does it say?", text, f"It says {text}."),
     ]
+
+
+def platform_sign(rng: random.Random, v: OcrVocab) -> OcrContent:
+    """A station sign: the platform and where its trains go ("PLATFORM 9" / "Trains to LEEDS")."""
+    platform = f"PLATFORM {rng.randint(1, 24)}"
+    town = rng.choice(v.towns)
+    town = town.title() if rng.random() < 0.5 else town
+    lines = [platform, f"Trains to {town}" if town.istitle() else f"TRAINS TO {town}"]
+    qas = [
+        ("Where do the trains go?", town, f"The trains go to {town}."),
+        ("Where does the train from this platform go?", town, f"It goes to {town}."),
+        ("Which platform is this?", platform, f"This is {platform}."),
+        ("Which platform?", platform, f"{platform}."),
+        ("What platform do the trains leave from?", platform, f"They leave from {platform}."),
+    ]
+    return sign_content(lines, qas, SIGN_SCHEMES[:4])
 
 
 def random_sign(rng: random.Random, v: OcrVocab) -> OcrContent:
@@ -278,7 +298,9 @@ def random_sign(rng: random.Random, v: OcrVocab) -> OcrContent:
         n = rng.randint(lo, hi) * (10 if template.startswith("SPEED") else 1)
         text = template.format(n=n, l=rng.choice("ABCDEF"))
         return sign_content(wrap_sign(text, rng), sign_qas(text))
-    if r < 0.45:
+    if r < 0.5:
+        return platform_sign(rng, v)
+    if r < 0.6:
         town, km = rng.choice(v.towns), rng.randint(2, 150)
         lines = [town, f"{km} km"] if rng.random() < 0.6 else [f"{town} {km} km"]
         text = " ".join(lines)
@@ -299,10 +321,12 @@ def label_content(product: Product, word: str | None, pack: str | None) -> OcrCo
         ("What is written on the label?", full, f"The label says {full}."),
         ("What does the label say?", full, f"The label says {full}."),
         ("What product is named on the label?", product.name, f"The label is for {product.name}."),
+        ("What is this product?", product.name, f"It is {product.name}."),
     ]
     if pack:
         measure_word = "weight" if product.unit == "g" else "volume"
         qas.append((f"What {measure_word} is printed on the label?", pack, f"The label says {pack}."))
+        qas.append(("How big is the pack?", pack, f"The pack holds {pack}."))
     layout = Layout(
         rows=tuple(rows),
         families=("serif", "serif-condensed", "sans", "sans-condensed", "serif-italic"),
@@ -327,10 +351,14 @@ def receipt_content(store: str, items: Sequence[tuple[Product, int]]) -> OcrCont
     qas: list[QA] = [
         ("What is the total on the receipt?", total, f"The total is {total}."),
         ("How much is the total on the receipt?", total, f"The total on the receipt is {total}."),
+        ("What is the total?", total, f"The total is {total}."),
+        ("How much was spent in total?", total, f"{total} was spent in total."),
         ("What is the name of the store on the receipt?", store, f"The receipt is from {store}."),
+        ("Which shop is the receipt from?", store, f"It is from {store}."),
     ]
     for product, cents in items:
         qas.append((product.cost_question(), money(cents), f"{product.costs(money(cents))}."))
+        qas.append((product.how_much_question(), money(cents), f"{product.costs(money(cents))}."))
     layout = Layout(
         rows=tuple(rows),
         families=("mono", "sans-condensed", "mono"),  # mono twice: most till receipts are monospaced
@@ -355,6 +383,8 @@ def price_tag_content(product: Product, cents: int, unit: str | None, sale: bool
     qas = (
         ("What is the price on the tag?", price, f"The price is {price}{per}."),
         (product.cost_question(), price, f"{product.costs(price)}{per}."),
+        (product.how_much_question(), price, f"{product.costs(price)}{per}."),
+        ("How much is it?", price, f"It costs {price}{per}."),
         ("What item is the price tag for?", product.name, f"The price tag is for {product.name}."),
     )
     layout = Layout(
@@ -385,9 +415,11 @@ def badge_content(name: str, header: str | None = None, role: str | None = None)
     qas: list[QA] = [
         ("What is the name on the badge?", name, f"The name on the badge is {name}."),
         ("According to the badge, what is this person's name?", name, f"The badge says the name is {name}."),
+        ("Whose badge is this?", name, f"It is {name}'s badge."),
     ]
     if role:
         qas.append(("What job title is on the badge?", role, f"The job title on the badge is {role}."))
+        qas.append(("What does this person do?", role, f"The badge says {role}."))
     layout = Layout(
         rows=tuple(rows),
         families=("sans", "sans-oblique", "serif", "serif-italic", "sans-condensed"),
@@ -416,6 +448,7 @@ def plate_content(code: str) -> OcrContent:
         ("What is the licence plate number?", code, f"The licence plate number is {code}."),
         ("What is the license plate number?", code, f"The license plate number is {code}."),
         ("What does the number plate say?", code, f"The number plate says {code}."),
+        ("What is the registration?", code, f"The registration is {code}."),
     )
     layout = Layout(
         rows=(Row(code, bold=True),),
@@ -445,11 +478,13 @@ OCR_KINDS: dict[str, tuple[float, Callable[[random.Random, OcrVocab], OcrContent
 }
 
 
-def ocr_conversation(question: str, short: str, sentence: str, rng: random.Random) -> tuple[list[dict], str]:
-    """Mostly the exact text (what reading is scored on), sometimes a sentence, asked for explicitly."""
-    if rng.random() < 0.7:
-        return [{"from": "human", "value": question}, {"from": "gpt", "value": short}], short
-    return [{"from": "human", "value": question + SENTENCE_SUFFIX}, {"from": "gpt", "value": sentence}], short
+QUESTIONS_PER_IMAGE = 2
+
+
+def ocr_conversation(question: str, short: str, sentence: str, rng: random.Random) -> list[dict]:
+    """A question as typed; mostly a sentence back, sometimes the text alone (both hold it exactly)."""
+    reply = sentence if rng.random() < 0.7 else short
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": reply}]
 
 
 def build_ocr(
@@ -461,9 +496,9 @@ def build_ocr(
     forbidden: set[str],
     taken: set[str],
 ) -> tuple[list[dict[str, Any]], set[str]]:
-    """OCR items and images under images/ocr/<split>/. Questions whose answer (case aside) is in
-    ``forbidden`` — the train answers, for held-out — are never asked. Returns the items and the
-    pixel digests of their images."""
+    """``n`` images under images/ocr/<split>/ and up to :data:`QUESTIONS_PER_IMAGE` items about
+    each. Questions whose answer (case aside) is in ``forbidden`` — the train answers, for
+    held-out — are never asked. Returns the items and the pixel digests of their images."""
     folder = out_dir / "images" / "ocr" / split
     folder.mkdir(parents=True, exist_ok=True)
     kinds = sorted(OCR_KINDS)
@@ -477,22 +512,21 @@ def build_ocr(
                 break
         else:
             raise RuntimeError(f"no OCR question with an unseen answer after 200 tries ({split})")
-        question, short, sentence = rng.choice(allowed)
-        conversations, short = ocr_conversation(question, short, sentence, rng)
         image, _ = unique_image(lambda layout=content.layout: (render_layout(layout, rng), None), taken)
         name = f"images/ocr/{split}/{i:05d}.png"
         image.save(out_dir / name, format="PNG")
         digests.add(png_digest(image))
-        items.append(
-            {
-                "id": f"ocr-{split}-{i:05d}",
-                "image": name,
-                "text": content.layout.text,
-                "conversations": conversations,
-                "short_answer": short,
-                "source": content.source,
-            }
-        )
+        for j, (question, short, sentence) in enumerate(rng.sample(allowed, min(QUESTIONS_PER_IMAGE, len(allowed)))):
+            items.append(
+                {
+                    "id": f"ocr-{split}-{i:05d}-{j}",
+                    "image": name,
+                    "text": content.layout.text,
+                    "conversations": ocr_conversation(question, short, sentence, rng),
+                    "short_answer": short,
+                    "source": content.source,
+                }
+            )
     return items, digests
 
 

@@ -1,0 +1,107 @@
+"""The demo model's report and README tables are generated from the recipe's JSON, never typed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from train.recipes import demo_report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def result(accuracy: float, by_kind: dict[str, float], balanced: float | None = None) -> dict:
+    r = {"accuracy": accuracy, "items": 8, "by_kind": {k: {"accuracy": v, "items": 2} for k, v in by_kind.items()}}
+    if balanced is not None:
+        r["balanced_yes_no"] = balanced
+    return {**r, "samples": [{"question": "Is there a red shape?", "reply": "No, it is | blue.", "reference": "no"}]}
+
+
+@pytest.fixture
+def metrics() -> dict:
+    kinds = {"yes": 1.0, "no": 0.5, "shape": 1.0, "colour": 0.75}
+    return {
+        "easy_vqa": {
+            "free": result(0.8125, kinds, 0.75),
+            "free_without_image": result(0.25, {"yes": 0.5, "no": 0.5, "shape": 0.0, "colour": 0.0}, 0.5),
+            "majority": {"answer": "yes", **result(0.25, {"yes": 1.0, "no": 0.0, "shape": 0.0, "colour": 0.0}, 0.5)},
+            "one_word": result(0.875, kinds),
+        },
+        "ocr": {"with_expert": result(0.8, {"text": 0.8}), "without_expert": result(0.05, {"text": 0.05})},
+        "photos": {
+            "items": 10,
+            "question": "What is in this picture?",
+            "with_tagger": {"named_top_tag": 9, "accuracy": 0.9},
+            "without_tagger": {"made_up_shape": 1},
+            "samples": [
+                {"photo": "coffee", "top_tag": "espresso", "with_tagger": "An espresso.", "without_tagger": "?"}
+            ],
+        },
+        "perplexity": 1.9,
+        "perplexity_base": 3.9,
+        "timings": {"total": {"wall_s": 5000, "cpu_s": 9000}},
+        "loss_curve": [
+            {"step": s, "loss": 2 / s, "by_kind": {"pretrain/image": 2 / s, "finetune/text": 1 / s}} for s in (10, 20)
+        ],
+        "accuracy_curve": [
+            {"step": s, "easy_vqa": kinds, "balanced_yes_no": 0.75, "ocr_with_expert": 0.5} for s in (100, 200)
+        ],
+    }
+
+
+def test_tables_show_the_json_numbers(metrics):
+    block = demo_report.readme_block(metrics, None)
+    assert "| easy-VQA, 8 questions (yes, no, shape, colour in equal shares) | 81.2 % |" in block
+    assert "| – answer no (2) | 50.0 % | without the image 50.0 % | ≥ 85.0 % |" in block
+    assert "| – balanced yes/no (mean of the yes and no accuracies) | 75.0 % | without the image 50.0 %" in block
+    assert 'majority answer "yes" 25.0 %' in block and "| 9 of 10 |" in block
+    assert "with the OCR expert 80.0 % | without 5.0 %" in block
+    assert "| total | 5,000 s | 9,000 s | 4,500 s |" in block
+    assert "Ablations" not in block  # none given
+
+
+def test_ablations_in_the_old_format_are_left_out(metrics):
+    old = {"reference": {"easy_vqa": {"accuracy": 0.4}, "ocr": {}, "perplexity": 2.6}}
+    assert not demo_report.is_current(old) and "Ablations" not in demo_report.readme_block(metrics, old)
+    new = {"reference": {k: metrics[k] for k in ("easy_vqa", "ocr", "perplexity")}}
+    assert "| reference | 81.2 % | 75.0 % | 50.0 % | 87.5 % | 80.0 % | 5.0 % | 1.90 |" in demo_report.readme_block(
+        metrics, new
+    )
+
+
+def test_readme_block_is_replaced_between_its_markers_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n{demo_report.BEGIN}\nold table\n{demo_report.END}\nafter\n")
+    demo_report.update_readme(readme, "new table")
+    assert readme.read_text() == f"# Title\n\nbefore\n{demo_report.BEGIN}\nnew table\n{demo_report.END}\nafter\n"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="demo-metrics"):
+        demo_report.update_readme(readme, "x")
+    assert readme.read_text() == "# no markers\n"  # nothing lost
+
+
+def test_report_page_and_plots(metrics, tmp_path):
+    ablations = {"reference": {k: metrics[k] for k in ("easy_vqa", "ocr", "perplexity")}}
+    page = demo_report.write_report(metrics, ablations, tmp_path / "report")
+    text = page.read_text()
+    for name in ("loss.png", "accuracy.png", "experts.png", "ablations.png"):
+        assert f"]({name})" in text
+        with Image.open(tmp_path / "report" / name) as image:
+            assert image.format == "PNG" and image.width >= 400
+    assert "No, it is \\| blue." in text  # a reply cannot break the table
+    again = demo_report.write_report(metrics, ablations, tmp_path / "again")
+    assert (tmp_path / "again" / "loss.png").read_bytes() == (tmp_path / "report" / "loss.png").read_bytes()
+    assert again.read_text() == text
+
+
+def test_the_readme_tables_are_the_shipped_metrics():
+    """The README's demo-model tables are exactly what the shipped JSON generates."""
+    metrics = json.loads((ROOT / "assets" / "demo-metrics.json").read_text())
+    ablations_file = ROOT / "assets" / "demo-ablations.json"
+    ablations = json.loads(ablations_file.read_text()) if ablations_file.is_file() else None
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split(demo_report.BEGIN)[1].split(demo_report.END)[0]
+    assert block.strip() == demo_report.readme_block(metrics, ablations).strip()
