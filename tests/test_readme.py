@@ -52,7 +52,7 @@ SKIP = {
         "test_cli_trains_on_a_hugging_face_llama_folder runs --base with a Llama folder"
     ),
     "python -m train.recipes.demo": (
-        "rebuilds the shipped model: about 70 minutes on 2 cores; tests/test_demo_model.py::"
+        "rebuilds the shipped model: about 115 minutes on 2 cores; tests/test_demo_model.py::"
         "test_the_quick_recipe_trains_and_its_loss_falls runs the same entry point on a subset"
     ),
     "python -m train.recipes.demo --quick": (
