@@ -215,9 +215,9 @@ def test_images_in_later_turns_each_answer_about_the_image_in_view(page):
     last.hover()
     page.locator("#chatbot button[aria-label=Edit]").last.click()
     editor = page.locator("#chatbot textarea").last
-    editor.fill("Which shape do you see?")
+    editor.fill("What shape do you see?")
     page.locator("#chatbot button[aria-label=Submit]").last.click()
-    wait_until(lambda: questions(page)[-1] == "Which shape do you see?")
+    wait_until(lambda: questions(page)[-1] == "What shape do you see?")
     edited = stable_answer(page, 5)
     assert "triangle" in edited.lower() and len(questions(page)) == 5
     shot(page, "edited")
