@@ -50,11 +50,10 @@ from experts import (  # noqa: E402
 from llama_adapter import LlamaAdapterError, Pipeline, Trace, pictures, serve  # noqa: E402
 from llama_adapter.cli import (  # noqa: E402
     add_model_arguments,
+    add_positive_int_flags,
     add_server_arguments,
     check_environment_choices,
-    env_value,
     load_for_serving,
-    positive_int,
 )
 from llama_adapter.engine import EngineConfig  # noqa: E402
 from llama_adapter.pipeline import Limits  # noqa: E402
@@ -1152,19 +1151,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_model_arguments(p, template=False)
     add_server_arguments(p, port=7860, host_env="GRADIO_SERVER_NAME", port_env="GRADIO_SERVER_PORT", share=True)
     limits = p.add_argument_group("limits", "what a request may ask: beyond, a plain refusal")
-    for flag, default, text in (
+    add_positive_int_flags(
+        limits,
         ("max-image-pixels", Limits.max_image_pixels, "width × height of an image"),
         ("max-prompt-chars", Limits.max_prompt_chars, "characters of a prompt with its history"),
         ("max-new-tokens", MAX_NEW_TOKENS, "length of an answer, in tokens"),
-    ):
-        name = "LLAMA_ADAPTER_" + flag.upper().replace("-", "_")
-        # argparse converts (and checks) a string default with ``type`` as if it came from the command line.
-        limits.add_argument(
-            f"--{flag}",
-            type=positive_int,
-            default=env_value(name, str(default)),
-            help=f"{text}; default {default:,} (env {name})",
-        )
+    )
     serve.add_api_arguments(p)
     args = p.parse_args(argv)
     check_environment_choices(p, args)

@@ -99,6 +99,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_positive_int_flags(group: argparse._ActionsContainer, *flags: tuple[str, int, str]) -> None:
+    """``--flag`` positive integers (name, default, help), each also set by ``LLAMA_ADAPTER_FLAG``."""
+    for flag, default, text in flags:
+        variable = "LLAMA_ADAPTER_" + flag.upper().replace("-", "_")
+        # argparse converts (and checks) a string default with ``type`` as if it came from the command line.
+        group.add_argument(
+            f"--{flag}",
+            type=positive_int,
+            default=env_value(variable, str(default)),
+            help=f"{text}; default {default:,} (env {variable})",
+        )
+
+
 def add_server_arguments(
     parser: argparse.ArgumentParser, *, port: int, host_env: str, port_env: str, share: bool = False
 ) -> None:
@@ -116,18 +129,11 @@ def add_server_arguments(
             default=env_switch("GRADIO_SHARE"),
             help="also serve on a public gradio.live link (env GRADIO_SHARE=1)",
         )
-    # argparse converts (and checks) a string default with ``type`` as if it came from the command line.
-    for flag, default, text in (
+    add_positive_int_flags(
+        group,
         ("max-batch", EngineConfig.max_batch, "answers written together (each decode step computes them all)"),
         ("queue-size", EngineConfig.max_waiting, "requests that may wait; more are turned away at once"),
-    ):
-        variable = "LLAMA_ADAPTER_" + flag.upper().replace("-", "_")
-        group.add_argument(
-            f"--{flag}",
-            type=positive_int,
-            default=env_value(variable, str(default)),
-            help=f"{text}; default {default:,} (env {variable})",
-        )
+    )
     group.add_argument(
         "--allow-local-dir",
         action="append",
