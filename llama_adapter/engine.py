@@ -14,10 +14,13 @@ Continuous batching over ``max_batch`` slots, the rows of one :class:`SlotCache`
   a long prompt never holds the others for more than a chunk.
 - Prefilled, its keys and values (and its adapter prompts' keys and values: each row has its
   own visual prompt) are copied into its slot's row, and it joins the next decode step.
-- Every step decodes all ``max_batch`` rows, free ones included: the batch always has the same
-  shape, so a compiled decode step is compiled once, and a request's logits do not depend on
-  who else is decoding (matmul kernels pick their blocking by shape; at a fixed shape a row's
-  result is independent of the other rows). A request's answer is the same alone or in a batch.
+- A step decodes the first rows of the slots, up to the highest busy one, rounded up to a *row
+  count* (1, 2, 4, … ``max_batch``) that keeps answers batch-invariant: matmul kernels pick
+  their blocking by the number of rows, so a row's logits may change in the last bits with it.
+  At start the engine decodes the same probe rows at every count and keeps the counts whose
+  rows are bitwise those of a full step on this machine (weight-only int8 here: 1, 4 and 8;
+  float32: only 8), so a request's answer is the same alone or in a batch, and a lone request
+  pays for as few rows as that allows. Free rows inside the count decode a dummy token.
 - Each request samples with its own settings and its own ``torch.Generator`` (seeded), stops at
   an end token, a stop string or its token limit, and leaves at once; a cancelled request
   (Stop, a client that went away) leaves before the next step. A conversation's cache gets its
@@ -149,6 +152,20 @@ class SlotCache(KVCache):
 
     def advance(self, n: int) -> None:
         self.length = int(self.next_position.max())
+
+    def first(self, rows: int) -> SlotCache:
+        """The first ``rows`` rows as a cache of their own, sharing this one's tensors: a decode
+        step through it writes here. Reserve room for the step here first (a view cannot grow)."""
+        if rows == self.shape[0]:
+            return self
+        view = copy.copy(self)
+        view.shape = (rows, *self.shape[1:])
+        view.keys = [buffer[:rows] for buffer in self.keys]
+        view.values = [buffer[:rows] for buffer in self.values]
+        view.prompt_kv = [None if kv is None else (kv[0][:rows], kv[1][:rows]) for kv in self.prompt_kv]
+        for name in ("key_valid", "next_position", "active", "rows"):
+            setattr(view, name, getattr(self, name)[:rows])
+        return view
 
 
 _END = object()
@@ -288,7 +305,9 @@ class Engine:
         self._running = 0
         self._closed = False
         self._cond = threading.Condition()
-        self._compiled_step: Callable | None = None
+        self._compiled: tuple[Callable, tuple[int, ...]] | None = None  # a decode step and its row counts
+        self.row_counts: tuple[int, ...] = (self.config.max_batch,)
+        """How many rows a decode step may compute (see the module docstring); set at start."""
         self.compile_state: Literal["eager", "compiling", "compiled"] = (
             "compiled" if "decode_step" in vars(model) else "eager"
         )
@@ -364,11 +383,11 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._closed or self._waiting or any(self._rows) or self._compiled_step):
+                    while not (self._closed or self._waiting or any(self._rows) or self._compiled):
                         self._cond.wait()
                     if self._closed:
                         break
-                    if self._compiled_step is not None and not any(self._rows):
+                    if self._compiled is not None and not any(self._rows):
                         self._switch_to_compiled()
                 try:
                     self._iterate()
@@ -427,11 +446,12 @@ class Engine:
         decoding = [r for r in self._rows if r is not None and r.prefilled == len(r.ids)]
         if not decoding:
             return
-        tokens = torch.zeros(self.config.max_batch, 1, dtype=torch.long)
+        highest = max(r.slot for r in decoding)
+        tokens = torch.zeros(next(n for n in self.row_counts if n > highest), 1, dtype=torch.long)
         for r in decoding:
             tokens[r.slot, 0] = r.last_token
         try:
-            logits = self.model(tokens.to(self.device), cache=self.slots)[:, -1]
+            logits = decode_rows(self.model, self.slots, tokens.to(self.device))
         except Exception as e:  # a half-done step has written into every row: all of them end
             for r in decoding:
                 self._fail(r, e)
@@ -495,35 +515,48 @@ class Engine:
             request._done.set()
 
     def _warm_up(self) -> None:
-        """One decode step through every slot before serving: a compiled decode step compiles
-        here for this batch shape (the cache length left dynamic), not in the first user's
-        answer. If that compile fails, decoding stays eager (slower, same answers)."""
+        """Find the row counts before serving; a compiled decode step compiles here, for each
+        count (the cache length left dynamic), not in the first user's answer. If that compile
+        fails, decoding stays eager (slower, same answers)."""
         if "decode_step" in vars(self.model):  # compiled (LlamaAdapter.compile_decoding)
-            log.info("Compiling the decode step for a batch of %d", self.config.max_batch)
+            log.info("Compiling the decode step for batches of up to %d", self.config.max_batch)
             try:
-                self._step_once(self.model, self.slots, compile=True)
+                self.row_counts = self._batch_invariant_row_counts(self.model, compile=True)
+                return
             except Exception as e:  # inductor's failures are many and version-specific
                 log.warning("Could not compile the batched decode step (%s); decoding stays eager", e)
                 del self.model.decode_step
                 self.compile_state = "eager"
-        self._step_once(self.model, self.slots)
+        self.row_counts = self._batch_invariant_row_counts(self.model)
 
-    def _step_once(self, model: LlamaAdapter, slots: SlotCache, compile: bool = False) -> None:
-        """One decode step through every slot; ``compile``: the first of ``model``'s (already
-        ``torch.compile``-wrapped) decode step for this batch, with the cache length dynamic."""
-        cache = model.new_cache(1)
-        model(torch.zeros(1, 1, dtype=torch.long, device=self.device), cache=cache)
-        slots.load(0, cache)
-        if compile:
-            from torch._dynamo import mark_dynamic
+    def _batch_invariant_row_counts(self, model: LlamaAdapter, compile: bool = False) -> tuple[int, ...]:
+        """The row counts (powers of two below ``max_batch``, and ``max_batch``) at which a decode
+        step gives each row bitwise the logits a full step gives it, on probe rows of different
+        tokens and lengths. Kernels choose their order of summation by shape, not by values, so
+        one probe that agrees in every logit shows the same order. ``compile``: each count's
+        first step through ``model``'s (``torch.compile``-wrapped) decode step compiles it."""
+        full = self.config.max_batch
+        probes = []
+        for row in range(full):
+            cache = model.new_cache(1)
+            ids = [(row * 7 + i * 13) % self.model.config.vocab_size for i in range(2 + row % 3)]
+            model(torch.tensor([ids], device=self.device), cache=cache)
+            probes.append(cache)
 
-            for buffer in (*slots.keys, *slots.values):
-                mark_dynamic(buffer, 2)
-            mark_dynamic(slots.key_valid, 1)
-        try:
-            model(torch.zeros(self.config.max_batch, 1, dtype=torch.long, device=self.device), cache=slots)
-        finally:
-            slots.release(0)
+        def step(rows: int) -> torch.Tensor:
+            slots = SlotCache(model, full)
+            for row, cache in enumerate(probes):
+                slots.load(row, cache)
+            tokens = torch.arange(1, rows + 1, device=self.device).unsqueeze(1)
+            return decode_rows(model, slots, tokens, mark_dynamic=compile)
+
+        reference = step(full)
+        counts = [n for n in _powers_of_two_below(full) if torch.equal(step(n), reference[:n])]
+        log.info(
+            "A decode step computes %s rows: the counts whose answers are those of a full batch on this machine",
+            " or ".join(map(str, [*counts, full])),
+        )
+        return (*counts, full)
 
     def compile_in_background(self) -> threading.Thread:
         """Compile the decode step for this engine's batch in another thread while the engine
@@ -545,7 +578,7 @@ class Engine:
             with torch.inference_mode():
                 shadow = copy.copy(self.model)  # the same modules and tensors; its own decode_step
                 shadow.compile_decoding(warm_up=False)
-                self._step_once(shadow, SlotCache(shadow, self.config.max_batch), compile=True)
+                row_counts = self._batch_invariant_row_counts(shadow, compile=True)
         except Exception as e:  # inductor's failures are many and version-specific
             log.warning("Could not compile the decode step (%s: %s); decoding stays eager", type(e).__name__, e)
             self.compile_state = "eager"
@@ -554,11 +587,33 @@ class Engine:
             "Compiled the decode step in %.0f s; switching to it between two answers", time.perf_counter() - started
         )
         with self._cond:
-            self._compiled_step = shadow.decode_step
+            self._compiled = (shadow.decode_step, row_counts)
             self._cond.notify()
 
     def _switch_to_compiled(self) -> None:
-        self.model.decode_step = self._compiled_step
-        self._compiled_step = None
+        self.model.decode_step, self.row_counts = self._compiled
+        self._compiled = None
         self.compile_state = "compiled"
         log.info("Decoding with the compiled step")
+
+
+def decode_rows(
+    model: LlamaAdapter, slots: SlotCache, tokens: torch.Tensor, mark_dynamic: bool = False
+) -> torch.Tensor:
+    """One decode step of the first ``len(tokens)`` rows of ``slots`` (the others must be free):
+    logits [rows, vocab]. ``mark_dynamic``: the cache length is dynamic for a step that compiles."""
+    slots.reserve(1)
+    cache = slots.first(len(tokens))
+    if mark_dynamic:
+        from torch._dynamo import mark_dynamic as dynamic
+
+        for buffer in (*cache.keys, *cache.values):
+            dynamic(buffer, 2)
+        dynamic(cache.key_valid, 1)
+    logits = model(tokens, cache=cache)[:, -1]
+    slots.advance(1)
+    return logits
+
+
+def _powers_of_two_below(n: int) -> list[int]:
+    return [1 << k for k in range(n.bit_length()) if 1 << k < n]

@@ -336,13 +336,13 @@ class Attention(nn.Module):
         return kv
 
     def _prompt_attention(self, q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
-        """Attention over the adapter prompt, with its own softmax, scaled per head by tanh(gate)."""
-        scores = (q @ pk.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        """Attention over the adapter prompt, with its own softmax, scaled per head by tanh(gate).
+        Through SDPA like the tokens' attention: a row's result then does not depend on how many
+        rows are in the batch (batched matmuls of this size are blocked by batch size on CPU)."""
         gate = self.gate.tanh()
         if self.new_gate is not None:
             gate = gate * self.new_gate
-        weights = scores.float().softmax(-1).type_as(q) * gate.to(q.dtype)
-        return weights @ pv
+        return F.scaled_dot_product_attention(q, pk, pv) * gate.to(q.dtype)
 
 
 class FeedForward(nn.Module):

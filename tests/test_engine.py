@@ -187,7 +187,19 @@ def test_each_row_sees_its_own_image():
     assert len(set(alone)) > 1, alone  # the rows really saw different images
 
 
-def test_eight_concurrent_greedy_answers_of_the_real_model_equal_their_solo_answers(smol):
+@pytest.fixture(scope="module")
+def smol_default():
+    """SmolLM2 as load() gives it by default on CPU: weight-only int8."""
+    pipe = llama_adapter.load("smollm2-135m")
+    assert pipe.info["quantize"] == "int8"
+    return pipe
+
+
+@pytest.mark.parametrize("precision", ["fp32", "default (int8)"])
+def test_eight_concurrent_greedy_answers_of_the_real_model_equal_their_solo_answers(precision, smol, smol_default):
+    """Solo answers decode at the smallest row count, concurrent ones (joining at different
+    times) at larger ones: each answer is the same."""
+    smol = smol if precision == "fp32" else smol_default
     prompts = [
         "Name three colours.",
         "What is 2 + 2?",
@@ -211,6 +223,58 @@ def test_eight_concurrent_greedy_answers_of_the_real_model_equal_their_solo_answ
         t.join()
     assert [answers[i] for i in range(len(prompts))] == solo
     assert smol.generate_batch(prompts, max_new_tokens=48) == solo
+
+
+def step_rows(model, monkeypatch) -> list[int]:
+    """The number of rows of every decode step ``model`` takes from now on."""
+    rows: list[int] = []
+    real = model.forward
+
+    def forward(*args: Any, cache=None, **kwargs: Any) -> Any:
+        if isinstance(cache, SlotCache):
+            rows.append(cache.shape[0])
+        return real(*args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    return rows
+
+
+def test_a_lone_request_decodes_only_the_rows_it_needs_and_answers_as_a_full_batch_does(
+    tiny_pipe, endless, engine, monkeypatch
+):
+    eng = engine(endless, max_batch=4)
+    assert eng.row_counts[-1] == 4 and list(eng.row_counts) == sorted(set(eng.row_counts))
+    ids = tiny_pipe.encode(tiny_pipe.render(PROMPTS[0]))
+    rows = step_rows(tiny_pipe.model, monkeypatch)
+    lone = answer(eng, ids, 24)
+    assert set(rows) == {eng.row_counts[0]}
+    eng.row_counts = (4,)  # every step computes all four rows, as before row counts
+    assert answer(eng, ids, 24) == lone
+    assert set(rows) == {eng.row_counts[0], 4}
+
+
+def test_a_row_count_whose_rows_differ_from_a_full_step_is_not_used(tiny_pipe, endless, engine, monkeypatch):
+    """Steps of two rows perturbed in the last bits (as a kernel blocked another way would):
+    the engine's probe finds it, and two requests then decode four rows."""
+    real = tiny_pipe.model.forward
+
+    def forward(*args: Any, cache=None, **kwargs: Any) -> Any:
+        logits = real(*args, cache=cache, **kwargs)
+        if isinstance(cache, SlotCache) and cache.shape[0] == 2:
+            logits = logits.clone()
+            logits[0, 0, 0] += 1e-6 * logits[0, 0, 0].abs().clamp(min=1)
+        return logits
+
+    monkeypatch.setattr(tiny_pipe.model, "forward", forward)
+    eng = engine(endless, max_batch=4)
+    assert 2 not in eng.row_counts and 4 in eng.row_counts
+    monkeypatch.setattr(tiny_pipe.model, "forward", real)
+    rows = step_rows(tiny_pipe.model, monkeypatch)
+    ids = tiny_pipe.encode(tiny_pipe.render(PROMPTS[0]))
+    first, second = eng.submit(ids, Sampling(max_new_tokens=12)), eng.submit(ids, Sampling(max_new_tokens=12))
+    list(first), list(second)
+    assert 2 not in rows and 4 in rows
+    assert first.generated == second.generated
 
 
 def test_the_cache_shrinks_back_when_a_long_request_leaves(tiny_pipe, endless, engine):
