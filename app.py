@@ -1148,7 +1148,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Serve the LLaMA-Adapter V2 demo. With no --base and no --adapter, the shipped demo model is "
         "used, offline. Each flag has an environment variable, for Hugging Face Spaces.",
     )
-    add_model_arguments(p, template=False)
+    add_model_arguments(p, template=False, server=True)
     add_server_arguments(p, port=7860, host_env="GRADIO_SERVER_NAME", port_env="GRADIO_SERVER_PORT", share=True)
     limits = p.add_argument_group("limits", "what a request may ask: beyond, a plain refusal")
     add_positive_int_flags(

@@ -3,8 +3,9 @@ and (when ``llama_cpp`` is importable) llama.cpp, measured in one run, interleav
 
 SmolLM2-135M-Instruct, a fixed chat prompt, exactly ``--new-tokens`` greedy new tokens (end
 tokens ignored), best of ``--repeats`` rounds. Ours answers through the :class:`Engine` as the app
-does: with the app's 8 slots (every step computes 8 rows, so a lone user pays for them) and with
-one slot; eager, and with ``--compile`` also with the decode step compiled (minutes each, cold).
+does: with the app's 8 slots (a lone user's steps compute the smallest batch-invariant row count,
+printed) and with one slot; eager, and with ``--compile`` also with the decode step compiled
+(minutes each, cold). ``int8`` is what ``load()`` and ``python app.py`` choose on CPU by default.
 Decode speed counts the tokens after the first over the time after the first (prefill apart);
 each row also shows the weight bytes read per token over the time, against this machine's read
 bandwidth (a 2-thread sum over 1 GiB). llama.cpp runs the shipped GGUF requantised to f32 and
@@ -204,7 +205,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    settings = {"fp32": {}, "bf16": {"dtype": "bf16"}, "int8": {"quantize": "int8"}}
+    settings = {"fp32": {"dtype": "fp32"}, "bf16": {"dtype": "bf16"}, "int8": {"quantize": "int8"}}
     settings = {name: settings[name] for name in args.dtypes.split(",")}
     pipes = {name: llama_adapter.load("smollm2-135m", **kw) for name, kw in settings.items()}
     load_seconds = {}
@@ -220,7 +221,8 @@ def main() -> None:
     for name, pipe in pipes.items():
         for slots, label in ((8, "app path, 8 slots"), (1, "1 slot")):
             engine = endless_engine(pipe, slots)
-            ours(engine, ids, 4)  # the engine's first step (and, compiled, its batch's graph)
+            ours(engine, ids, 4)  # the engine's first step
+            print(f"ours {name}, {label}: a step computes {' or '.join(map(str, engine.row_counts))} rows")
             systems[f"ours {name}, {label}"] = lambda engine=engine: ours(engine, ids, args.new_tokens)
             read[f"ours {name}, {label}"] = weight_bytes_per_token(pipe.model, tied=tied)
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), dtype=torch.float32).eval()

@@ -21,7 +21,7 @@ from .engine import EngineConfig
 from .pipeline import Pipeline
 
 DTYPES = ("fp32", "bf16", "fp16")
-QUANTIZE = ("int8",)
+QUANTIZE = ("auto", "int8", "none")
 TEMPLATES = ("alpaca", "chat")
 TRUE = ("1", "true", "yes", "on")
 
@@ -31,12 +31,15 @@ def env_value(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
 
 
-def env_switch(name: str) -> bool:
-    return (env_value(name) or "").lower() in TRUE
+def env_switch(name: str, default: bool = False) -> bool:
+    """The environment variable ``name`` as a yes/no (``1``, ``true``, ``yes``, ``on``); unset: ``default``."""
+    value = env_value(name)
+    return default if value is None else value.lower() in TRUE
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, template: bool = True) -> None:
-    """``--base --adapter --device --dtype --quantize --compile --force`` (and ``--template``)."""
+def add_model_arguments(parser: argparse.ArgumentParser, *, template: bool = True, server: bool = False) -> None:
+    """``--base --adapter --device --dtype --quantize --[no-]compile --force`` (and ``--template``).
+    ``server``: compiling is on by default (a server compiles in the background, answering meanwhile)."""
     group = parser.add_argument_group("model", "with no --base and no --adapter: the shipped demo model, offline")
     group.add_argument(
         "--base",
@@ -57,20 +60,26 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, template: bool = Tru
         "--dtype",
         choices=DTYPES,
         default=env_value("LLAMA_ADAPTER_DTYPE"),
-        help="default: fp32 on CPU, bf16 on GPU (env LLAMA_ADAPTER_DTYPE)",
+        help="the base's dtype; default: fp32 with int8 weights on CPU, bf16 on GPU (env LLAMA_ADAPTER_DTYPE)",
     )
     group.add_argument(
         "--quantize",
         choices=QUANTIZE,
-        default=env_value("LLAMA_ADAPTER_QUANTIZE"),
-        help="store the base's weights in 8 bits (env LLAMA_ADAPTER_QUANTIZE)",
+        default=env_value("LLAMA_ADAPTER_QUANTIZE", "auto"),
+        help="int8: the base's weights in 8 bits; none: as --dtype says; auto (default): int8 on CPU unless "
+        "--dtype is given, none on a GPU (env LLAMA_ADAPTER_QUANTIZE)",
+    )
+    compiling = (
+        "default: on; the server answers at once and switches to the compiled step when it is ready"
+        if server
+        else "default: off"
     )
     group.add_argument(
         "--compile",
-        action="store_true",
-        default=env_switch("LLAMA_ADAPTER_COMPILE"),
+        action=argparse.BooleanOptionalAction,
+        default=env_switch("LLAMA_ADAPTER_COMPILE", server),
         help="compile the decode step: faster answers after 1-3 min of compiling the first time, seconds once "
-        "cached; servers compile in the background and answer meanwhile (env LLAMA_ADAPTER_COMPILE=1)",
+        f"inductor has cached it; {compiling} (env LLAMA_ADAPTER_COMPILE=1 or 0)",
     )
     group.add_argument(
         "--force",
@@ -165,7 +174,7 @@ def load_from_arguments(args: argparse.Namespace, **kwargs) -> Pipeline:
     options = {
         "device": args.device,
         "dtype": args.dtype,
-        "quantize": args.quantize,
+        "quantize": None if args.quantize == "none" else args.quantize,
         "compile": args.compile,
         "template": getattr(args, "template", None),
         "force": args.force,

@@ -539,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m llama_adapter.serve", description="Serve a model over the OpenAI chat completions API."
     )
-    add_model_arguments(p)
+    add_model_arguments(p, server=True)
     add_server_arguments(p, port=8000, host_env="LLAMA_ADAPTER_HOST", port_env="LLAMA_ADAPTER_PORT")
     add_api_arguments(p)
     return p

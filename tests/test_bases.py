@@ -274,7 +274,7 @@ def checkpoints(tiny_spm, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("layout", LAYOUTS, ids=[x.name for x in LAYOUTS])
 def test_layout_equals_transformers(layout, checkpoints):
     directory = checkpoints[layout.name]
-    pipe = llama_adapter.load(base=directory)
+    pipe = llama_adapter.load(base=directory, dtype="fp32")
     for key, value in layout.expected.items():
         assert getattr(pipe.model.config, key) == value, key
 
@@ -309,7 +309,7 @@ def test_layout_equals_transformers(layout, checkpoints):
 def test_end_and_start_ids_come_from_the_config(layout, checkpoints):
     """Llama 3.1 and 3.2 list three end ids; an answer ends at any of them, as in transformers."""
     directory = checkpoints[layout.name]
-    pipe = llama_adapter.load(base=directory)
+    pipe = llama_adapter.load(base=directory, dtype="fp32")
     config = json.loads((directory / "config.json").read_text())
     generation = transformers_model(directory).generation_config
     eos = config["eos_token_id"] if isinstance(config["eos_token_id"], list) else [config["eos_token_id"]]
@@ -331,7 +331,7 @@ def test_dynamic_scaling_depends_on_the_length(checkpoints):
     assert torch.allclose(longer, 1.0 / base ** (torch.arange(0, 16, 2) / 16), rtol=1e-6)
 
     directory = checkpoints["llama-2-dynamic"]
-    pipe = llama_adapter.load(base=directory)
+    pipe = llama_adapter.load(base=directory, dtype="fp32")
     with torch.no_grad():
         for n in (40, 64, 65, 120):
             ids = torch.tensor([long_ids(pipe, n)])
@@ -408,7 +408,7 @@ def test_meta_llama2_folder_equals_transformers(tiny_spm, tmp_path):
     reference = LlamaForCausalLM(config).eval()
     reference.load_state_dict(hf_state)
 
-    pipe = llama_adapter.load(base=tmp_path)  # the folder above it, as upstream's llama_dir
+    pipe = llama_adapter.load(base=tmp_path, dtype="fp32")  # the folder above it, as upstream's llama_dir
     assert pipe.model.config.max_seq_len == 4096 and pipe.model.config.norm_eps == 1e-5
     ids = long_ids(pipe, 80)
     with torch.no_grad():

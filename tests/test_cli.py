@@ -41,6 +41,7 @@ PARSERS = {
     "serve": lambda argv: serve.build_parser().parse_args(argv),
     "compare": lambda argv: compare.build_parser().parse_args(["photo.png", "What is it?", *argv]),
 }
+SERVERS = ("app", "serve")
 MAINS = {
     "app": app.main,
     "chat": lambda argv: chat.main(["--prompt", "Hi", *argv]),
@@ -66,10 +67,11 @@ def test_model_flags_default_to_the_environment_and_the_command_line_wins(comman
         "adapter": None,
         "device": "cpu",
         "dtype": None,
-        "quantize": None,
-        "compile": False,
+        "quantize": "auto",
+        "compile": command in SERVERS,  # a server compiles in the background by default
         "force": False,
     }
+    assert parse(["--no-compile"]).compile is False and parse(["--compile"]).compile is True
     for name, value in ENVIRONMENT.items():
         clean_environment.setenv(name, value)
     args = vars(parse([]))
@@ -97,7 +99,7 @@ def test_the_flags_reach_load_unchanged(clean_environment):
     clean_environment.setattr(llama_adapter.cli, "load", lambda *a, **k: calls.append((a, k)))
     argv = ["--base", "b", "--adapter", "a", "--template", "alpaca", "--compile", "--force"]
     llama_adapter.cli.load_from_arguments(chat.build_parser().parse_args(argv), limits="L")
-    expected = {"device": "cpu", "dtype": None, "quantize": None, "compile": True, "template": "alpaca"}
+    expected = {"device": "cpu", "dtype": None, "quantize": "auto", "compile": True, "template": "alpaca"}
     expected |= {"force": True, "limits": "L"}
     assert calls == [(("b", "a"), expected)]
 

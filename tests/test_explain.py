@@ -340,8 +340,8 @@ def test_chat_cli_writes_the_pictures_and_numbers(tiny_pipe, tmp_path, capsys):
     """``python -m llama_adapter.chat --prompt Q --explain DIR``, a text-only model: no map of where
     it looked, the rest written; the printed answer is the chat's."""
     expected = tiny_pipe.chat().ask("Name three colours.", max_new_tokens=12)
-    argv = ["--base", tiny_pipe.info["base"], "--prompt", "Name three colours.", "--max-new-tokens", "12"]
-    assert chat.main([*argv, "--explain", str(tmp_path)]) == 0
+    argv = ["--base", tiny_pipe.info["base"], "--dtype", "fp32", "--prompt", "Name three colours."]
+    assert chat.main([*argv, "--max-new-tokens", "12", "--explain", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith(expected + "\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_share.png", "gates.png", "trace.json"]
     data = json.loads((tmp_path / "trace.json").read_text())

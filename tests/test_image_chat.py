@@ -25,9 +25,10 @@ CIRCLE, TRIANGLE = EXAMPLES / "circle.png", EXAMPLES / "triangle.png"
 
 
 @functools.cache
-def visual_pipeline() -> Pipeline:
-    """The shipped demo model, loaded once per test process (the app and demo-model tests share it)."""
-    return llama_adapter.load()
+def visual_pipeline(dtype: str | None = None) -> Pipeline:
+    """The shipped demo model, loaded once per test process and ``dtype``: by default as users get
+    it (int8 weights on CPU); ``"fp32"`` for tests whose oracle is exact."""
+    return llama_adapter.load(dtype=dtype)
 
 
 class Says(Expert):

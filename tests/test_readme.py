@@ -79,15 +79,8 @@ INSTEAD = {
         "`.venv/bin/python app.py` is the demo server (`python` is .venv/bin/python on the clone's PATH); "
         "tests/test_app.py::test_python_app_py_serves_the_default_model_offline starts app.py too",
     ),
-    "python app.py --quantize int8 --compile --host 0.0.0.0 --port 7860": (
-        "python app.py --quantize int8 --host 0.0.0.0 --port 7860",
-        "served without --compile (the app answers while it compiles, but a cold compile keeps 2 cores busy for "
-        "3 to 10+ minutes); "
-        "tests/test_app.py::test_main_loads_once_and_launches passes --compile to load, "
-        "tests/test_generate.py::test_compiled_chat_cli_answers_as_eager compiles an int8 model through the CLI",
-    ),
-    "python -m llama_adapter.chat --quantize int8 --compile": (
-        "python -m llama_adapter.chat --quantize int8",
+    "python -m llama_adapter.chat --compile": (
+        "python -m llama_adapter.chat",
         "run without --compile (a cold compile of the demo model takes 3 to 10+ minutes on 2 cores); "
         "tests/test_generate.py::test_compiled_chat_cli_answers_as_eager runs --quantize int8 --compile",
     ),

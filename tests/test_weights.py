@@ -152,7 +152,7 @@ def test_official_adapter_end_to_end_with_bgr_computes_the_released_forward(tiny
     """load(base=Meta folder, adapter=.pth): random CLIP ViT-L/14 (no weights offline), BGR input."""
     base_dir = write_meta_dir(random_hf_model("tiny-llama1"), tmp_path / "llama" / "7B", tiny_spm)
     path = write_official(tmp_path / "tiny-BIAS.pth", official_tensors(lora=False), False)
-    pipe = llama_adapter.load(base=tmp_path / "llama", adapter=path, clip_weights=None)
+    pipe = llama_adapter.load(base=tmp_path / "llama", adapter=path, clip_weights=None, dtype="fp32")
     assert pipe.template == "alpaca" and pipe.model.adapter_config.channel_order == "BGR"
     assert pipe.model.image_encoder is not None and base_dir.exists()
     from PIL import Image
@@ -202,7 +202,7 @@ def test_our_adapter_round_trip(tiny_spm, tmp_path):
     assert set(loaded.state_dict) == set(adapter_state_dict(model))  # adapter tensors only
     assert not any(k.endswith("base.weight") or k.startswith("tok_") for k in loaded.state_dict)
 
-    pipe = llama_adapter.load(adapter=path)  # the base comes from the metadata
+    pipe = llama_adapter.load(adapter=path, dtype="fp32")  # the base comes from the metadata
     assert pipe.render("Hi").startswith("You see images.\n\n### Instruction:\nHi")
     assert pipe.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]).startswith(
         "Be brief."
@@ -267,7 +267,7 @@ def test_gguf_to_folder_conversion_equals_transformers_reading_the_gguf(smol, sm
     assert set(converted) == set(expected) - {"lm_head.weight"}  # tied to the embeddings
     assert [key for key, tensor in converted.items() if not torch.equal(tensor, expected[key])] == []
 
-    pipe = llama_adapter.load(folder)
+    pipe = llama_adapter.load(folder, dtype="fp32")
     assert pipe.info["base_fingerprint"] == smol.info["base_fingerprint"]
     ids = torch.tensor([pipe.encode(pipe.render("Name three colours."))])
     with torch.no_grad():
@@ -404,5 +404,5 @@ def test_official_adapter_on_llama2s_config_is_refused_naming_the_mismatch(tiny_
 
     assert chat(["--base", str(base), "--adapter", str(path), "--prompt", "Hi", "--max-new-tokens", "1"]) == 2
     with pytest.warns(UserWarning, match="LLaMA-2's config"):
-        pipe = llama_adapter.load(base=base, adapter=path, clip_weights=None, force=True)
+        pipe = llama_adapter.load(base=base, adapter=path, clip_weights=None, force=True, dtype="fp32")
     assert pipe.model.config.norm_eps == 1e-5  # forced: the base stays as it is

@@ -300,7 +300,7 @@ def train_and_evaluate(
         adapter = run(train_config(recipe, data))
     run_dir = recipe.out_dir / recipe.name
     with timed(timings, f"{recipe.name}: evaluation"):
-        metrics = demo_eval.evaluate(llama_adapter.load(adapter=adapter), heldout)
+        metrics = demo_eval.evaluate(llama_adapter.load(adapter=adapter, dtype=demo_eval.PRECISION), heldout)
     metrics["loss_curve"] = loss_curve(run_dir)
     if recipe.trajectory:
         with timed(timings, f"{recipe.name}: accuracy through training"):
@@ -320,7 +320,7 @@ def accuracy_curve(run_dir: Path, subset: demo_eval.HeldOut) -> list[dict[str, A
     """Held-out accuracy of every checkpoint on ``subset``."""
     points = []
     for checkpoint in list_checkpoints(run_dir):
-        pipe = llama_adapter.load(adapter=checkpoint / ADAPTER_FILE)
+        pipe = llama_adapter.load(adapter=checkpoint / ADAPTER_FILE, dtype=demo_eval.PRECISION)
         step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
         points.append({"step": step, **demo_eval.trajectory_point(pipe, subset)})
         log.info("accuracy at step %d: %s", step, points[-1])
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter, metrics = train_and_evaluate(recipe, data, timings)
         with timed(timings, "base perplexity"):
             metrics["perplexity_base"] = evaluate_perplexity(
-                llama_adapter.load("smollm2-135m"), data["instructions_heldout"]
+                llama_adapter.load("smollm2-135m", dtype=demo_eval.PRECISION), data["instructions_heldout"]
             )["perplexity"]
     metrics["timings"] = timings
     if not args.no_ship:
