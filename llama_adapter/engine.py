@@ -18,8 +18,8 @@ Continuous batching over ``max_batch`` slots, the rows of one :class:`SlotCache`
   count* (1, 2, 4, … ``max_batch``) that keeps answers batch-invariant: matmul kernels pick
   their blocking by the number of rows, so a row's logits may change in the last bits with it.
   At start the engine decodes the same probe rows at every count and keeps the counts whose
-  rows are bitwise those of a full step on this machine (weight-only int8 here: 1, 4 and 8;
-  float32: only 8), so a request's answer is the same alone or in a batch, and a lone request
+  rows are bitwise those of a full step on this machine (weight-only int8 here: 1, 2, 4 and 8;
+  float32: 8 for the demo model), so a request's answer is the same alone or in a batch, and a lone request
   pays for as few rows as that allows. Free rows inside the count decode a dummy token.
 - Each request samples with its own settings and its own ``torch.Generator`` (seeded), stops at
   an end token, a stop string or its token limit, and leaves at once; a cancelled request
@@ -552,10 +552,8 @@ class Engine:
 
         reference = step(full)
         counts = [n for n in _powers_of_two_below(full) if torch.equal(step(n), reference[:n])]
-        log.info(
-            "A decode step computes %s rows: the counts whose answers are those of a full batch on this machine",
-            " or ".join(map(str, [*counts, full])),
-        )
+        sizes = ", ".join(map(str, counts)) + (" or " if counts else "") + str(full)
+        log.info("Decode steps compute %s rows: the counts whose rows are bitwise a full step's here", sizes)
         return (*counts, full)
 
     def compile_in_background(self) -> threading.Thread:

@@ -126,7 +126,7 @@ for blind in ("", " --no-image"):
     )
 """README commands run in a cheaper or runnable form: (what runs, why, and the test that covers the rest)."""
 
-STDIN = {"python -m llama_adapter.chat --quantize int8 --compile": "Name a colour.\n/exit\n"}
+STDIN = {"python -m llama_adapter.chat --compile": "Name a colour.\n/exit\n"}
 """Interactive commands and what is typed into them."""
 
 LIMIT_S = 300
