@@ -400,10 +400,14 @@ class Engine:
                     self._finish(request, "cancelled")
 
     def _iterate(self) -> None:
-        """Admit waiting requests to free slots, let cancelled ones go, prefill one chunk, decode one step."""
+        """Admit waiting requests to free slots, let cancelled ones go, prefill one chunk, decode one
+        step. While a compiled step waits to take over, nobody new is admitted: the answers under
+        way finish eager, and the switch comes when the slots are empty (under a steady load they
+        would never all be free at once)."""
         with self._cond:
             self._drop_cancelled_waiting()
-            self._admit()
+            if self._compiled is None:
+                self._admit()
         for request in self._rows:
             if request is not None and request.cancelled.is_set():
                 self._finish(request, "cancelled")
@@ -582,7 +586,10 @@ class Engine:
             self.compile_state = "eager"
             return
         log.info(
-            "Compiled the decode step in %.0f s; switching to it between two answers", time.perf_counter() - started
+            "Compiled the decode step in %.0f s; switching to it once the %d answers under way are done "
+            "(newcomers wait until then)",
+            time.perf_counter() - started,
+            self.active,
         )
         with self._cond:
             self._compiled = (shadow.decode_step, row_counts)

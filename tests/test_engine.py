@@ -338,6 +338,34 @@ def test_compiling_in_the_background_answers_eager_meanwhile_and_switches_betwee
         eng.close()
 
 
+def test_under_a_steady_load_the_compiled_step_takes_over_once_the_answers_under_way_are_done(
+    tiny_pipe, endless, engine, monkeypatch
+):
+    """A compiled step that is ready while answers are being written waits for them (newcomers
+    wait too, or the slots would never all be free), then decodes everything after."""
+    eng = engine(endless, max_batch=2)
+    ids = tiny_pipe.encode("Count to five.")
+    running = eng.submit(ids, Sampling(max_new_tokens=tiny_pipe.context_length - len(ids)))
+    wait_until(lambda: running.completion_tokens > 2)
+    steps: list[int] = []
+    eager = tiny_pipe.model.decode_step
+
+    def compiled(h, freqs, cache):  # stands in for the compiled graph: the same logits, counted
+        steps.append(h.shape[0])
+        return eager(h, freqs, cache)
+
+    monkeypatch.setattr(tiny_pipe.model, "decode_step", eager)  # restored after the test
+    with eng._cond:
+        eng._compiled = (compiled, eng.row_counts)
+        eng._cond.notify()
+    newcomer = eng.submit(ids, Sampling(max_new_tokens=8))
+    time.sleep(0.2)
+    assert newcomer.completion_tokens == 0 and not running.done and not steps
+    running.cancel()
+    list(newcomer)
+    assert newcomer.finish_reason == "length" and steps and eng.compile_state == "compiled"
+
+
 def test_a_failed_background_compile_warns_and_stays_eager(tiny_pipe, endless, engine, monkeypatch, caplog):
     def broken(model, warm_up=True):
         raise RuntimeError("inductor fell over")
