@@ -579,7 +579,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 shadow = copy.copy(self.model)  # the same modules and tensors; its own decode_step
-                shadow.compile_decoding(warm_up=False)
+                shadow.compile_decoding()  # its batch-1 graph too: a 1-token prefill chunk decodes through it
                 row_counts = self._batch_invariant_row_counts(shadow, compile=True)
         except Exception as e:  # inductor's failures are many and version-specific
             log.warning("Could not compile the decode step (%s: %s); decoding stays eager", type(e).__name__, e)
