@@ -16,12 +16,12 @@ import argparse
 import os
 from pathlib import Path
 
-from .build import can_compile, load
+from .build import AUTO, can_compile, load
 from .engine import EngineConfig
 from .pipeline import Pipeline
 
 DTYPES = ("fp32", "bf16", "fp16")
-QUANTIZE = ("auto", "int8", "none")
+QUANTIZE = (AUTO, "int8", "none")
 TEMPLATES = ("alpaca", "chat")
 TRUE = ("1", "true", "yes", "on")
 
@@ -65,7 +65,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, template: bool = Tru
     group.add_argument(
         "--quantize",
         choices=QUANTIZE,
-        default=env_value("LLAMA_ADAPTER_QUANTIZE", "auto"),
+        default=env_value("LLAMA_ADAPTER_QUANTIZE", AUTO),
         help="int8: the base's weights in 8 bits; none: as --dtype says; auto (default): int8 on CPU unless "
         "--dtype is given, none on a GPU (env LLAMA_ADAPTER_QUANTIZE)",
     )

@@ -610,11 +610,7 @@ def decode_rows(
     slots.reserve(1)
     cache = slots.first(len(tokens))
     if mark_dynamic:
-        from torch._dynamo import mark_dynamic as dynamic
-
-        for buffer in (*cache.keys, *cache.values):
-            dynamic(buffer, 2)
-        dynamic(cache.key_valid, 1)
+        cache.mark_length_dynamic()
     logits = model(tokens, cache=cache)[:, -1]
     slots.advance(1)
     return logits

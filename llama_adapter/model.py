@@ -219,6 +219,15 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def mark_length_dynamic(self) -> None:
+        """Tell ``torch.compile`` that the buffers' length varies, before the call that compiles a
+        decode step through this cache: one graph then serves every length as the cache grows."""
+        from torch._dynamo import mark_dynamic
+
+        for buffer in (*self.keys, *self.values):
+            mark_dynamic(buffer, 2)
+        mark_dynamic(self.key_valid, 1)
+
     def truncate(self, length: int) -> None:
         """Forget everything after the first ``length`` tokens (to reuse a shared prefix)."""
         if length > self.length:
@@ -652,8 +661,6 @@ class LlamaAdapter(nn.Module):
         another size compiles once more. Prefill stays eager."""
         if self.training:
             raise ValueError("compile_decoding is for inference: call model.eval() first")
-        import torch._dynamo
-
         options = {"cpp_wrapper": True} if self.tok_embeddings.weight.device.type == "cpu" else None
         self.decode_step = torch.compile(self.decode_step, fullgraph=True, options=options)
         if not warm_up:
@@ -663,9 +670,7 @@ class LlamaAdapter(nn.Module):
                 cache = self.new_cache(1)
                 first = torch.zeros(1, 1, dtype=torch.long, device=cache.device)
                 self(first, cache=cache)
-                for buffer in (*cache.keys, *cache.values):
-                    torch._dynamo.mark_dynamic(buffer, 2)
-                torch._dynamo.mark_dynamic(cache.key_valid, 1)
+                cache.mark_length_dynamic()
                 self(first, cache=cache)
         except Exception:
             del self.decode_step  # back to the eager method
