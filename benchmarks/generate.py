@@ -9,10 +9,11 @@ printed) and with one slot; eager, and with ``--compile`` also with the decode s
 Decode speed counts the tokens after the first over the time after the first (prefill apart);
 each row also shows the weight bytes read per token over the time, against this machine's read
 bandwidth (a 2-thread sum over 1 GiB). llama.cpp runs the shipped GGUF requantised to f32 and
-q8_0 (the same weights as ours), through llama-cpp-python built from source (README, "Generation
+q8_0 (the same weights as ours) and the shipped q4_1 itself (``--dtypes fp32,int8,int4`` to set
+our int4 beside it), through llama-cpp-python built from source (README, "Generation
 speed"). Then time to first token of a ~40-token chat turn and of an image question with the
 demo model (encoder + prefill), against transformers' prefill of the same tokens (plus our
-encoder, for the image). Also the perplexity change of int8 weights on a fixed text, the time
+encoder, for the image). Also the perplexity change of int8 (int4) weights on a fixed text, the time
 our eager weight matmuls alone take per token, and the decode speed before and after a traced
 answer (``llama_adapter.explain``: tracing off costs nothing).
 
@@ -145,7 +146,8 @@ class LlamaCpp:
 
 
 def requantised_ggufs(directory: Path, threads: int) -> dict[str, Path]:
-    """The shipped SmolLM2 GGUF (Q4_1) requantised by llama.cpp to f32 and q8_0: our weights."""
+    """The shipped SmolLM2 GGUF (Q4_1) requantised by llama.cpp to f32 and q8_0 (our weights), and
+    the shipped file itself as q4_1 (asymmetric 4-bit in groups of 32, as our int4)."""
     import llama_cpp
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its quantizer prints every tensor
@@ -157,6 +159,7 @@ def requantised_ggufs(directory: Path, threads: int) -> dict[str, Path]:
         if llama_cpp.llama_model_quantize(str(_fetch_smollm2_gguf()).encode(), str(out).encode(), ctypes.byref(params)):
             raise RuntimeError(f"llama.cpp could not quantize to {name}")
         paths[name] = out
+    paths["q4_1"] = _fetch_smollm2_gguf()
     return paths
 
 
@@ -198,14 +201,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--compile", action="store_true", help="also the compiled decode step (minutes, cold)")
-    parser.add_argument("--dtypes", default="fp32,int8", help="ours: comma-separated fp32, bf16, int8")
+    parser.add_argument("--dtypes", default="fp32,int8", help="ours: comma-separated fp32, bf16, int8, int4")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bandwidth = read_bandwidth_gbs()
 
     from transformers import AutoModelForCausalLM
 
-    settings = {"fp32": {"dtype": "fp32"}, "bf16": {"dtype": "bf16"}, "int8": {"quantize": "int8"}}
+    settings = {
+        "fp32": {"dtype": "fp32"},
+        "bf16": {"dtype": "bf16"},
+        "int8": {"quantize": "int8"},
+        "int4": {"quantize": "int4"},
+    }
     settings = {name: settings[name] for name in args.dtypes.split(",")}
     pipes = {name: llama_adapter.load("smollm2-135m", **kw) for name, kw in settings.items()}
     load_seconds = {}
@@ -252,15 +260,16 @@ def main() -> None:
         f"best of {args.repeats}, interleaved; memory read {bandwidth:.1f} GB/s"
     )
     ref = best["transformers fp32"].decode_rate
-    cpp = {bits: best.get(f"llama.cpp {bits}") for bits in ("f32", "q8_0")}
+    cpp = {bits: best.get(f"llama.cpp {bits}") for bits in ("f32", "q8_0", "q4_1")}
+    peers = {"int8": "q8_0", "int4": "q4_1"}
     print(f"{'system':<34} {'tok/s':>7} {'vs HF fp32':>11} {'vs llama.cpp':>13} {'GB/s read':>10} {'of memory':>10}")
     for key, timing in best.items():
         rate = timing.decode_rate
-        peer = cpp["q8_0"] if "int8" in key or "q8_0" in key else cpp["f32"]
+        peer = cpp[next((bits for name, bits in peers.items() if name in key), "f32")]
         vs_cpp = f"{rate / peer.decode_rate:.2f}x" if peer is not None and not key.startswith("llama.cpp") else "-"
         gbs = read[key] * rate / 1e9
         print(f"{key:<34} {rate:7.1f} {rate / ref:10.2f}x {vs_cpp:>13} {gbs:10.1f} {gbs / bandwidth:9.0%}")
-    print("vs llama.cpp: int8 rows against q8_0, the others against f32")
+    print("vs llama.cpp: int8 rows against q8_0, int4 rows against q4_1, the others against f32")
     for key, ms in matmul_ms.items():
         print(f"{key}: weight matmuls alone {ms:.1f} ms/token, {1000 / ms:.0f} tok/s at most with these kernels")
     if load_seconds:
@@ -277,7 +286,7 @@ def main() -> None:
     ppl["transformers fp32"] = perplexity(lambda x: hf(x).logits, text_ids)
     print(f"perplexity on a fixed {text_ids.shape[1]}-token text: " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
     for name in ppl:
-        if name.startswith("int8") and "fp32" in ppl:
+        if name.startswith("int") and "fp32" in ppl:
             print(f"{name} perplexity change vs fp32: {100 * (ppl[name] / ppl['fp32'] - 1):+.2f}%")
 
 

@@ -661,6 +661,9 @@ class LlamaAdapter(nn.Module):
         another size compiles once more. Prefill stays eager."""
         if self.training:
             raise ValueError("compile_decoding is for inference: call model.eval() first")
+        eager_only = {type(m).__name__ for m in self.modules() if not getattr(m, "compiles", True)}
+        if eager_only:
+            raise RuntimeError(f"{', '.join(sorted(eager_only))} decodes eager only")
         options = {"cpp_wrapper": True} if self.tok_embeddings.weight.device.type == "cpu" else None
         self.decode_step = torch.compile(self.decode_step, fullgraph=True, options=options)
         if not warm_up:

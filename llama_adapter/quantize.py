@@ -1,5 +1,6 @@
 """Passes that swap the frozen base linears for faster inference (adapter tensors stay in full
-precision): 8-bit weights (bitsandbytes ``Linear8bitLt`` on CUDA, weight-only int8 on CPU), and
+precision): 8-bit weights (bitsandbytes ``Linear8bitLt`` on CUDA, weight-only int8 on CPU), 4-bit
+weights on CPU, and
 half-precision weights packed once for oneDNN on CPU."""
 
 from __future__ import annotations
@@ -30,6 +31,42 @@ class Int8Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales.float()[:, None]
+
+
+class Int4Linear(nn.Module):
+    """Weight-only 4-bit integers, asymmetric, one scale and offset per ``group`` input columns of
+    each output row (the layout of ``torch._weight_int4pack_mm_for_cpu``, which computes with
+    bfloat16 activations): w ≈ (q - 8) · scale + offset, q in 0..15. CPU only; half int8's bytes
+    per token, at a cost in quality measured in the README (Generation speed)."""
+
+    group = 32
+    # Compiled, its kernel recompiled at every batch size until dynamo's limit failed the answer.
+    compiles = False
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if self.in_features % self.group or self.out_features % 16:
+            raise ValueError(
+                f"int4 needs input widths divisible by {self.group} and output widths by 16; this linear is "
+                f"{self.in_features} → {self.out_features}: use int8"
+            )
+        groups = linear.weight.detach().float().reshape(self.out_features, -1, self.group)
+        low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+        scales = ((high - low) / 15).clamp(min=1e-12)
+        levels = torch.round((groups - low) / scales).clamp(0, 15).to(torch.int32)
+        offsets = low + 8 * scales
+        self.register_buffer(
+            "packed", torch._convert_weight_to_int4pack_for_cpu(levels.reshape(self.out_features, -1), 1)
+        )
+        # [input groups, outputs, (scale, offset)]
+        pairs = torch.stack([scales.squeeze(-1), offsets.squeeze(-1)], dim=-1).transpose(0, 1)
+        self.register_buffer("scales_and_offsets", pairs.contiguous().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_and_offsets)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 class PackedLinear(nn.Module):
@@ -67,11 +104,16 @@ def _bnb_linear(linear: nn.Linear) -> nn.Module:
 
 
 def quantize_model(model: LlamaAdapter, method: str = "int8") -> LlamaAdapter:
-    """Swap the base linears of every block (and the output head) for 8-bit versions, in place."""
-    if method != "int8":
-        raise ValueError(f"Unknown quantization {method!r}; supported: 'int8'")
+    """Swap the base linears of every block (and the output head) for 8-bit (``"int8"``) or, on
+    CPU, 4-bit (``"int4"``) versions, in place."""
     on_cuda = model.tok_embeddings.weight.device.type == "cuda"
-    return _swap_base_linears(model, _bnb_linear if on_cuda else Int8Linear)
+    if method == "int8":
+        return _swap_base_linears(model, _bnb_linear if on_cuda else Int8Linear)
+    if method == "int4":
+        if on_cuda:
+            raise ValueError("quantize='int4' is for CPU; on a GPU use 'int8' or bfloat16")
+        return _swap_base_linears(model, Int4Linear)
+    raise ValueError(f"Unknown quantization {method!r}; supported: 'int8', 'int4'")
 
 
 def pack_linears(model: LlamaAdapter) -> LlamaAdapter:

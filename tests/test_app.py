@@ -483,7 +483,7 @@ def test_flags_default_to_the_environment(monkeypatch):
     monkeypatch.delenv("LLAMA_ADAPTER_COMPILE")
     args = app.parse_args(["--device", "cpu", "--dtype", "bf16", "--host", "0.0.0.0", "--port", "9000", "--share"])
     assert (args.device, args.dtype, args.host, args.port, args.share) == ("cpu", "bf16", "0.0.0.0", 9000, True)
-    for name, wrong in (("LLAMA_ADAPTER_QUANTIZE", "int4"), ("LLAMA_ADAPTER_DTYPE", "fp8")):
+    for name, wrong in (("LLAMA_ADAPTER_QUANTIZE", "int3"), ("LLAMA_ADAPTER_DTYPE", "fp8")):
         monkeypatch.setenv(name, wrong)
         with pytest.raises(SystemExit):
             app.parse_args([])

@@ -82,7 +82,7 @@ def test_model_flags_default_to_the_environment_and_the_command_line_wins(comman
 
 
 @pytest.mark.parametrize("command", MAINS)
-@pytest.mark.parametrize(("variable", "wrong"), [("LLAMA_ADAPTER_DTYPE", "fp8"), ("LLAMA_ADAPTER_QUANTIZE", "int4")])
+@pytest.mark.parametrize(("variable", "wrong"), [("LLAMA_ADAPTER_DTYPE", "fp8"), ("LLAMA_ADAPTER_QUANTIZE", "int3")])
 def test_a_misspelt_environment_value_stops_every_command_before_loading(
     command, variable, wrong, clean_environment, capsys
 ):

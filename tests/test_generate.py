@@ -12,7 +12,7 @@ import llama_adapter.chat
 from llama_adapter.errors import InputError
 from llama_adapter.generate import Sampling, TextStream, sample_next
 from llama_adapter.prompts import format_alpaca, render
-from llama_adapter.quantize import PackedLinear, can_pack
+from llama_adapter.quantize import Int4Linear, PackedLinear, can_pack
 
 
 def test_stream_yields_pieces_that_join_to_the_answer(smol):
@@ -272,6 +272,38 @@ def test_int8_keeps_the_answer_and_the_adapter_precision():
     assert agreement >= 0.9
     assert pipe.model.layers[0].attention.wqkv.base.weight_int8.dtype == torch.int8
     assert pipe.model.norm.weight.dtype == torch.float32
+
+
+def test_int4_linear_computes_with_the_group_grid_weights():
+    """Each group of 32 inputs of a row is rounded to the nearest of 16 evenly spaced levels from
+    its minimum to its maximum; the kernel's packing, its scale/offset layout and its level-8
+    offset must reproduce exactly that weight (checked against the grid computed here)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48, bias=False)
+    groups = linear.weight.detach().reshape(48, 3, 32)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (high - low) / 15
+    grid = (low + torch.round((groups - low) / step) * step).reshape(48, 96)
+    layer = Int4Linear(linear)
+    for shape in ((1, 96), (2, 3, 96)):
+        x = torch.randn(shape)
+        expected = torch.nn.functional.linear(x.bfloat16().float(), grid)
+        torch.testing.assert_close(layer(x), expected, atol=0.03, rtol=0.02)
+    for width in ((40, 48), (96, 40)):
+        with pytest.raises(ValueError, match="divisible by 32 and output widths by 16"):
+            Int4Linear(torch.nn.Linear(*width, bias=False))
+
+
+def test_int4_agrees_with_fp32_on_smollm2(smol, caplog):
+    pipe = llama_adapter.load("smollm2-135m", quantize="int4", compile=True)
+    assert isinstance(pipe.model.output, Int4Linear) and pipe.info["quantize"] == "int4"
+    assert not pipe.info["compiled"] and "Int4Linear decodes eager only" in caplog.text
+    ids = torch.tensor([smol.encode(smol.render("Explain why the sky is blue in two sentences."))])
+    with torch.no_grad():
+        a, b = pipe.model(ids)[0], smol.model(ids)[0]
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.8
+    answer = pipe.generate("Name three colours.", max_new_tokens=64).lower()
+    assert any(c in answer for c in ("red", "blue", "green", "yellow", "orange", "purple"))
 
 
 def test_bf16_on_cpu_agrees_with_fp32_and_uses_packed_weights_when_supported(smol):
