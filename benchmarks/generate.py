@@ -145,7 +145,7 @@ class LlamaCpp:
         return Timing(started, first, time.perf_counter(), new_tokens)
 
 
-def requantised_ggufs(directory: Path, threads: int) -> dict[str, Path]:
+def llama_cpp_ggufs(directory: Path, threads: int) -> dict[str, Path]:
     """The shipped SmolLM2 GGUF (Q4_1) requantised by llama.cpp to f32 and q8_0 (our weights), and
     the shipped file itself as q4_1 (asymmetric 4-bit in groups of 32, as our int4)."""
     import llama_cpp
@@ -240,7 +240,7 @@ def main() -> None:
     try:
         import llama_cpp  # noqa: F401
 
-        for name, path in requantised_ggufs(gguf_dir, args.threads).items():
+        for name, path in llama_cpp_ggufs(gguf_dir, args.threads).items():
             runner = LlamaCpp(path, args.threads)
             systems[f"llama.cpp {name}"] = lambda runner=runner: runner(ids, args.new_tokens)
             read[f"llama.cpp {name}"] = path.stat().st_size
