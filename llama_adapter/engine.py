@@ -28,13 +28,17 @@ Continuous batching over ``max_batch`` slots, the rows of one :class:`SlotCache`
 
 The model runs only in the engine thread (and, while :meth:`Engine.compile_in_background`
 compiles, in that thread, through a shallow copy whose decode step is the compiled one). Image
-encoding and experts happen before a request is submitted, in the caller's thread.
+encoding and experts happen before a request is submitted, in the caller's thread, which then
+gives back its OpenMP workers (:func:`release_openmp_workers`): with more OpenMP threads than
+cores, every small parallel op of the engine's steps would wait for its workers to wake.
 """
 
 from __future__ import annotations
 
 import atexit
 import copy
+import ctypes
+import functools
 import itertools
 import logging
 import queue
@@ -129,10 +133,13 @@ class SlotCache(KVCache):
         self.length = int(self.next_position.max())
         fitting = max(64, 2 * self.length)
         if self.capacity > 2 * fitting:
+            # Fresh strides, as the compiled step was traced with: a one-row slice keeps the wide
+            # row's stride through a plain clone, and that stride alone recompiled the step mid-answer.
+            contiguous = torch.contiguous_format
             for store in (self.keys, self.values):
                 for layer, buffer in enumerate(store):
-                    store[layer] = buffer[:, :, :fitting].clone()
-            self.key_valid = self.key_valid[:, :fitting].clone()
+                    store[layer] = buffer[:, :, :fitting].clone(memory_format=contiguous)
+            self.key_valid = self.key_valid[:, :fitting].clone(memory_format=contiguous)
 
     def append_valid(self, n: int, valid: torch.Tensor | None) -> torch.Tensor:
         if n != 1 or valid is not None:
@@ -314,6 +321,7 @@ class Engine:
         with torch.inference_mode():
             self.slots = SlotCache(model, self.config.max_batch)
             self._warm_up()
+        release_openmp_workers()
         self._thread = threading.Thread(target=self._loop, name="llama-adapter-engine", daemon=True)
         self._thread.start()
         _engines.add(self)
@@ -348,6 +356,7 @@ class Engine:
                 f"The prompt ({past + len(ids):,} tokens) and the answer ({params.max_new_tokens:,}) do not fit "
                 f"this model's context of {self.model.config.max_seq_len:,} tokens."
             )
+        release_openmp_workers()  # this thread may have encoded the image; the engine thread computes now
         stream = TextStream(self.tokenizer, params.stop)
         request = Request(ids, params, visual_prompt, cache, cancel, stream, self.device, self._wake)
         with self._cond:
@@ -614,6 +623,27 @@ def decode_rows(
     logits = model(tokens, cache=cache)[:, -1]
     slots.advance(1)
     return logits
+
+
+def release_openmp_workers() -> None:
+    """Let go of the OpenMP worker threads the calling thread holds (OpenMP keeps a team of them
+    for each thread that has run a parallel region). Once a process holds more OpenMP threads than
+    cores, libgomp stops spinning between parallel regions, and each of a decode step's hundreds of
+    small regions waits ~100 µs for its workers to wake: on 2 cores the engine thread decoded at
+    half speed as soon as the thread that loaded the model had run any torch op. So every thread
+    but the engine's gives its workers back before the engine computes; the next torch op in that
+    thread makes a new team. A no-op where the OpenMP runtime has no ``omp_pause_resource_all``."""
+    pause = _openmp_pause()
+    if pause is not None:
+        pause(1)  # omp_pause_soft: the calling thread's idle workers end
+
+
+@functools.cache
+def _openmp_pause() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).omp_pause_resource_all  # torch's OpenMP runtime, loaded with it
+    except (AttributeError, OSError):
+        return None
 
 
 def _powers_of_two_below(n: int) -> list[int]:

@@ -5,6 +5,7 @@ and a bounded queue; checked against transformers and against each request run a
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 from typing import Any
@@ -277,8 +278,9 @@ def test_a_row_count_whose_rows_differ_from_a_full_step_is_not_used(tiny_pipe, e
     assert first.generated == second.generated
 
 
-def test_the_cache_shrinks_back_when_a_long_request_leaves(tiny_pipe, endless, engine):
-    eng = engine(endless, max_batch=2)
+@pytest.mark.parametrize("slots", [1, 2])
+def test_the_cache_shrinks_back_when_a_long_request_leaves(tiny_pipe, endless, engine, slots):
+    eng = engine(endless, max_batch=slots)
     short = tiny_pipe.encode("Count to five.")
     before = eng.submit(short, Sampling(max_new_tokens=20))
     list(before)
@@ -291,6 +293,35 @@ def test_the_cache_shrinks_back_when_a_long_request_leaves(tiny_pipe, endless, e
     list(after)
     assert grown >= 200 and eng.slots.capacity <= 64
     assert after.generated == before.generated
+    # Shrunk buffers have a fresh tensor's strides: a compiled step guards on them (one row kept the
+    # wide row's stride once, and the step recompiled mid-answer).
+    buffers = [eng.slots.key_valid, *eng.slots.keys, *eng.slots.values]
+    assert all(t.stride() == torch.empty(t.shape).stride() for t in buffers)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2, reason="Linux, 2+ threads")
+def test_a_thread_that_submits_gives_its_openmp_workers_back(tiny_pipe, endless, engine):
+    """OpenMP keeps worker threads for each thread that ran a parallel torch op; more of them than
+    cores and the engine thread's hundreds of small parallel regions each wait to wake their
+    workers (decoding ran at half speed). A caller (a Gradio or API handler that encoded an image)
+    lets its workers go when it submits."""
+    eng = engine(endless, max_batch=2)
+    ids = tiny_pipe.encode("Count to five.")
+    answer(eng, ids, 4)  # the engine thread's own workers exist from here on
+    counts = {}
+
+    def handler() -> None:
+        counts["before"] = len(os.listdir("/proc/self/task"))
+        torch.ones(1 << 22).add(1)  # a parallel op: this thread now has workers
+        counts["with workers"] = len(os.listdir("/proc/self/task"))
+        answer(eng, ids, 4)
+        counts["after submitting"] = len(os.listdir("/proc/self/task"))
+
+    caller = threading.Thread(target=handler)
+    caller.start()
+    caller.join()
+    assert counts["with workers"] == counts["before"] + torch.get_num_threads() - 1
+    assert counts["after submitting"] == counts["before"]
 
 
 def answer(engine: Engine, ids: list[int], n: int = 16) -> list[int]:
