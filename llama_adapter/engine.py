@@ -29,8 +29,9 @@ Continuous batching over ``max_batch`` slots, the rows of one :class:`SlotCache`
 The model runs only in the engine thread (and, while :meth:`Engine.compile_in_background`
 compiles, in that thread, through a shallow copy whose decode step is the compiled one). Image
 encoding and experts happen before a request is submitted, in the caller's thread, which then
-gives back its OpenMP workers (:func:`release_openmp_workers`): with more OpenMP threads than
-cores, every small parallel op of the engine's steps would wait for its workers to wake.
+gives back its OpenMP workers (:func:`release_openmp_workers`), as the engine thread does when
+it falls idle: with more OpenMP threads than cores, every small parallel op of a step would wait
+for its workers to wake.
 """
 
 from __future__ import annotations
@@ -392,7 +393,9 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._closed or self._waiting or any(self._rows) or self._compiled):
+                    if self._idle():
+                        release_openmp_workers()  # while idle, another thread (an encoder, an engine) computes
+                    while self._idle():
                         self._cond.wait()
                     if self._closed:
                         break
@@ -407,6 +410,9 @@ class Engine:
             for request in [*self._waiting, *self._rows]:
                 if request is not None:
                     self._finish(request, "cancelled")
+
+    def _idle(self) -> bool:
+        return not (self._closed or self._waiting or any(self._rows) or self._compiled)
 
     def _iterate(self) -> None:
         """Admit waiting requests to free slots, let cancelled ones go, prefill one chunk, decode one

@@ -300,28 +300,36 @@ def test_the_cache_shrinks_back_when_a_long_request_leaves(tiny_pipe, endless, e
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2, reason="Linux, 2+ threads")
-def test_a_thread_that_submits_gives_its_openmp_workers_back(tiny_pipe, endless, engine):
+def test_threads_give_their_openmp_workers_back_to_the_engine(tiny_pipe, endless, engine):
     """OpenMP keeps worker threads for each thread that ran a parallel torch op; more of them than
     cores and the engine thread's hundreds of small parallel regions each wait to wake their
     workers (decoding ran at half speed). A caller (a Gradio or API handler that encoded an image)
-    lets its workers go when it submits."""
+    lets its workers go when it submits, and the engine lets its own go when it falls idle."""
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
     eng = engine(endless, max_batch=2)
     ids = tiny_pipe.encode("Count to five.")
-    answer(eng, ids, 4)  # the engine thread's own workers exist from here on
-    counts = {}
+    idle = threads()
+    counts, answered, leave = {}, threading.Event(), threading.Event()
 
-    def handler() -> None:
-        counts["before"] = len(os.listdir("/proc/self/task"))
+    def handler() -> None:  # stays alive: a thread's workers also end with it
         torch.ones(1 << 22).add(1)  # a parallel op: this thread now has workers
-        counts["with workers"] = len(os.listdir("/proc/self/task"))
+        counts["with workers"] = threads()
         answer(eng, ids, 4)
-        counts["after submitting"] = len(os.listdir("/proc/self/task"))
+        answered.set()
+        leave.wait()
 
     caller = threading.Thread(target=handler)
     caller.start()
-    caller.join()
-    assert counts["with workers"] == counts["before"] + torch.get_num_threads() - 1
-    assert counts["after submitting"] == counts["before"]
+    try:
+        assert answered.wait(60)
+        assert counts["with workers"] == idle + 1 + torch.get_num_threads() - 1  # the caller, its workers
+        wait_until(lambda: threads() == idle + 1, seconds=10)  # the caller alone
+    finally:
+        leave.set()
+        caller.join()
 
 
 def answer(engine: Engine, ids: list[int], n: int = 16) -> list[int]:
