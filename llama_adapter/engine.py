@@ -348,6 +348,7 @@ class Engine:
     ) -> Request:
         """Queue a generation from prompt token ``ids`` (continuing a batch-1 ``cache`` that holds
         the conversation so far, if given; the engine writes the finished turn back into it)."""
+        release_openmp_workers()  # this thread may have encoded the image; the engine thread computes now
         if not ids:
             raise InputError("The prompt has no tokens.")
         past = cache.length if cache is not None else 0
@@ -357,7 +358,6 @@ class Engine:
                 f"The prompt ({past + len(ids):,} tokens) and the answer ({params.max_new_tokens:,}) do not fit "
                 f"this model's context of {self.model.config.max_seq_len:,} tokens."
             )
-        release_openmp_workers()  # this thread may have encoded the image; the engine thread computes now
         stream = TextStream(self.tokenizer, params.stop)
         request = Request(ids, params, visual_prompt, cache, cancel, stream, self.device, self._wake)
         with self._cond:

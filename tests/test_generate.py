@@ -368,6 +368,19 @@ def test_top_p_keeps_the_smallest_set_whose_probability_reaches_p(p, keep):
     torch.testing.assert_close(got, renormalised(keep), atol=0.01, rtol=0)
 
 
+def test_top_p_over_a_large_vocabulary_keeps_the_whole_nucleus():
+    """The nucleus is sorted out of a shortlist of the most likely ids that widens until it holds
+    top_p of the mass; here the nucleus is ~250 of 5,000 ids, wider than the first shortlist."""
+    logits = torch.randn(5_000, generator=torch.Generator().manual_seed(1))
+    logits[:300] += 6
+    probs = logits.softmax(-1)
+    ranked, order = probs.sort(descending=True)  # the oracle: the whole vocabulary sorted
+    nucleus = set(order[: int((ranked.cumsum(0) - ranked < 0.9).sum())].tolist())
+    drawn = set(sample_next(logits.expand(4_000, -1), Sampling(temperature=1.0, top_p=0.9), torch.Generator()).tolist())
+    assert len(nucleus) > 200
+    assert drawn <= nucleus and len(drawn) > 0.95 * len(nucleus)
+
+
 def test_temperature_divides_the_logits():
     expected = PROBS**2 / (PROBS**2).sum()  # temperature 0.5: every logit doubled
     torch.testing.assert_close(frequencies(PROBS.log(), temperature=0.5), expected, atol=0.01, rtol=0)
