@@ -11,7 +11,22 @@ from torch import nn
 from .model import AdapterLinear, LlamaAdapter
 
 
-class Int8Linear(nn.Module):
+class _Bf16RowsLinear(nn.Module):
+    """A CPU kernel linear that computes on rows of bfloat16 activations: inputs of any leading
+    shape and dtype in, the same out."""
+
+    in_features: int
+    out_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._product(x.reshape(-1, self.in_features).to(torch.bfloat16))
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(_Bf16RowsLinear):
     """Weight-only int8 with one scale per output row. On CPU the product runs in
     ``torch._weight_int8pack_mm`` with bfloat16 activations: measured fastest here (see
     ``benchmarks/generate.py``), ~2× less memory traffic than float32 weights."""
@@ -24,16 +39,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(flat, self.weight_int8, self.scales)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
 
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales.float()[:, None]
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_Bf16RowsLinear):
     """Weight-only 4-bit integers, asymmetric, one scale and offset per ``group`` input columns of
     each output row (the layout of ``torch._weight_int4pack_mm_for_cpu``, which computes with
     bfloat16 activations): w ≈ (q - 8) · scale + offset, q in 0..15. CPU only; half int8's bytes
@@ -63,10 +76,8 @@ class Int4Linear(nn.Module):
         pairs = torch.stack([scales.squeeze(-1), offsets.squeeze(-1)], dim=-1).transpose(0, 1)
         self.register_buffer("scales_and_offsets", pairs.contiguous().to(torch.bfloat16))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.group, self.scales_and_offsets)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_and_offsets)
 
 
 class PackedLinear(nn.Module):

@@ -370,7 +370,7 @@ def test_top_p_keeps_the_smallest_set_whose_probability_reaches_p(p, keep):
 
 def test_top_p_over_a_large_vocabulary_keeps_the_whole_nucleus():
     """The nucleus is sorted out of a shortlist of the most likely ids that widens until it holds
-    top_p of the mass; here the nucleus is ~250 of 5,000 ids, wider than the first shortlist."""
+    top_p of the mass; here the nucleus is ~200 of 5,000 ids, wider than the first shortlist."""
     logits = torch.randn(5_000, generator=torch.Generator().manual_seed(1))
     logits[:300] += 6
     probs = logits.softmax(-1)
