@@ -13,11 +13,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config import AdapterConfig, LlamaConfig, plain_adapter_config
 from .encoders import build_image_encoder
 from .errors import CheckpointError
-from .model import LlamaAdapter, adapter_state_dict, parameter_group
+from .model import AdapterLinear, LlamaAdapter, adapter_state_dict, parameter_group
 from .pipeline import Limits, Pipeline
 from .prompts import Template
 from .quantize import can_pack, pack_linears, quantize_model
@@ -177,11 +178,36 @@ def prepare_for_inference(model: LlamaAdapter, *, quantize: str | None = None, c
     model.fuse()
     device = model.tok_embeddings.weight.device
     if quantize:
-        quantize_model(model, quantize)
+        quantize_model(model, quantize, prompt_copy=quantize == "int8" and wants_prompt_copy(model, device))
     elif can_pack(device, model.tok_embeddings.weight.dtype) and not compile:
         pack_linears(model)  # inductor cannot take oneDNN's packed weights
     model.eval()
     return compile and compile_decoding(model)
+
+
+PROMPT_COPY_MAX_WEIGHTS = 1_000_000_000
+"""CPU int8 keeps a bfloat16 copy of the base for prompt chunks up to this many weights (2 bytes
+each: +0.3 GB for the demo's SmolLM2-135M, where a 7B would need +13 GB)."""
+
+
+def wants_prompt_copy(model: LlamaAdapter, device: torch.device) -> bool:
+    """Whether int8 weights on ``device`` get a packed bfloat16 copy for prompt chunks
+    (:class:`~llama_adapter.quantize.Int8Linear`), logged either way."""
+    linears = [m.base for m in model.modules() if isinstance(m, AdapterLinear)] + [model.output]
+    weights = sum(m.weight.numel() for m in linears if isinstance(m, nn.Linear))
+    if not can_pack(device, torch.bfloat16):
+        return False
+    if weights > PROMPT_COPY_MAX_WEIGHTS:
+        log.info(
+            "Prompts are prefilled with the int8 weights (a bfloat16 copy of %.1fB weights would take %.0f GB more)",
+            weights / 1e9,
+            weights * 2 / 2**30,
+        )
+        return False
+    log.info(
+        "Prompts are prefilled with a bfloat16 copy of the weights (+%.0f MB; decoding stays int8)", weights * 2 / 2**20
+    )
+    return True
 
 
 def can_compile(device: torch.device) -> bool:

@@ -26,20 +26,33 @@ class _Bf16RowsLinear(nn.Module):
         raise NotImplementedError
 
 
+PROMPT_ROWS = 16
+"""Products of at least this many rows are prompt chunks (the engine prefills 32 tokens at a time;
+its decode steps compute at most ``max_batch`` rows, 8 by default)."""
+
+
 class Int8Linear(_Bf16RowsLinear):
     """Weight-only int8 with one scale per output row. On CPU the product runs in
-    ``torch._weight_int8pack_mm`` with bfloat16 activations: measured fastest here (see
-    ``benchmarks/generate.py``), ~2× less memory traffic than float32 weights."""
+    ``torch._weight_int8pack_mm`` with bfloat16 activations: measured fastest here at one or two
+    rows (see ``benchmarks/generate.py``), ~2× less memory traffic than float32 weights.
 
-    def __init__(self, linear: nn.Linear) -> None:
+    Its cost grows with the rows (a 32-row prompt chunk costs ~7 one-row products), so with
+    ``prompt_copy`` prompt chunks (:data:`PROMPT_ROWS` rows or more) multiply by a bfloat16 copy of
+    the dequantized weight packed for oneDNN instead: 2.3× faster at 32 rows here, for 2 more bytes
+    per weight. Decode steps stay on the int8 kernel, so a row's logits do not depend on it."""
+
+    def __init__(self, linear: nn.Linear, prompt_copy: bool = False) -> None:
         super().__init__()
         w = linear.weight.detach().float()
         scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight_int8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.prompt_linear = PackedLinear(self.dequantized().to(torch.bfloat16)) if prompt_copy else None
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.prompt_linear is not None and rows.shape[0] >= PROMPT_ROWS:
+            return self.prompt_linear(rows)
         return torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
 
     def dequantized(self) -> torch.Tensor:
@@ -85,10 +98,10 @@ class PackedLinear(nn.Module):
     Plain ``F.linear`` in bfloat16 on CPU runs ~1.5× slower at batch 1 here (see
     ``benchmarks/generate.py``); the packed weight is opaque, so this is for inference only."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
@@ -114,12 +127,15 @@ def _bnb_linear(linear: nn.Linear) -> nn.Module:
     return q.to(linear.weight.device)
 
 
-def quantize_model(model: LlamaAdapter, method: str = "int8") -> LlamaAdapter:
+def quantize_model(model: LlamaAdapter, method: str = "int8", *, prompt_copy: bool = False) -> LlamaAdapter:
     """Swap the base linears of every block (and the output head) for 8-bit (``"int8"``) or, on
-    CPU, 4-bit (``"int4"``) versions, in place."""
+    CPU, 4-bit (``"int4"``) versions, in place. ``prompt_copy``: CPU int8 keeps a packed
+    bfloat16 copy for prompt chunks (see :class:`Int8Linear`)."""
     on_cuda = model.tok_embeddings.weight.device.type == "cuda"
     if method == "int8":
-        return _swap_base_linears(model, _bnb_linear if on_cuda else Int8Linear)
+        if on_cuda:
+            return _swap_base_linears(model, _bnb_linear)
+        return _swap_base_linears(model, lambda linear: Int8Linear(linear, prompt_copy))
     if method == "int4":
         if on_cuda:
             raise ValueError("quantize='int4' is for CPU; on a GPU use 'int8' or bfloat16")
@@ -130,7 +146,7 @@ def quantize_model(model: LlamaAdapter, method: str = "int8") -> LlamaAdapter:
 def pack_linears(model: LlamaAdapter) -> LlamaAdapter:
     """Swap the half-precision base linears (and the output head) for :class:`PackedLinear`, in
     place. Call only when :func:`can_pack` holds."""
-    return _swap_base_linears(model, PackedLinear)
+    return _swap_base_linears(model, lambda linear: PackedLinear(linear.weight))
 
 
 def _swap_base_linears(model: LlamaAdapter, make) -> LlamaAdapter:

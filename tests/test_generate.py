@@ -12,7 +12,7 @@ import llama_adapter.chat
 from llama_adapter.errors import InputError
 from llama_adapter.generate import Sampling, TextStream, sample_next
 from llama_adapter.prompts import format_alpaca, render
-from llama_adapter.quantize import Int4Linear, PackedLinear, can_pack
+from llama_adapter.quantize import PROMPT_ROWS, Int4Linear, Int8Linear, PackedLinear, can_pack
 
 
 def test_stream_yields_pieces_that_join_to_the_answer(smol):
@@ -294,6 +294,39 @@ def test_int4_linear_computes_with_the_group_grid_weights():
             Int4Linear(torch.nn.Linear(*width, bias=False))
 
 
+def test_int8_prompt_chunks_use_the_bfloat16_copy_and_decode_steps_the_int8_kernel():
+    """Rows of a decode step (up to 8) go through the int8 kernel, bit for bit; a prompt chunk's
+    rows through the packed bfloat16 copy, whose product must be that of the dequantized weight
+    (row scale × integer, computed here) whatever the rows."""
+    if not can_pack(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this CPU has no native bfloat16 in oneDNN")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=False)
+    plain, copied = Int8Linear(linear), Int8Linear(linear, prompt_copy=True)
+    weight = linear.weight.detach()
+    scales = weight.abs().amax(dim=1) / 127
+    dequantized = torch.round(weight / scales[:, None]) * scales.bfloat16().float()[:, None]
+    for rows in (1, 8, PROMPT_ROWS - 1):
+        x = torch.randn(rows, 64)
+        assert torch.equal(copied(x), plain(x))
+    for shape in ((PROMPT_ROWS, 64), (1, 32, 64)):
+        x = torch.randn(shape)
+        expected = torch.nn.functional.linear(x.bfloat16().float(), dequantized)
+        torch.testing.assert_close(copied(x), expected, atol=0.03, rtol=0.02)
+        assert not torch.equal(copied(x), plain(x))  # a different kernel computed it
+
+
+def test_only_a_small_int8_model_gets_the_prompt_copy(monkeypatch, caplog):
+    if not can_pack(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this CPU has no native bfloat16 in oneDNN")
+    caplog.set_level("INFO")
+    small = llama_adapter.load("smollm2-135m", quantize="int8")
+    assert small.model.output.prompt_linear is not None and "bfloat16 copy of the weights (+" in caplog.text
+    monkeypatch.setattr(llama_adapter.build, "PROMPT_COPY_MAX_WEIGHTS", 100_000_000)
+    large = llama_adapter.load("smollm2-135m", quantize="int8")
+    assert large.model.output.prompt_linear is None and "GB more)" in caplog.text
+
+
 def test_int4_agrees_with_fp32_on_smollm2(smol, caplog):
     pipe = llama_adapter.load("smollm2-135m", quantize="int4", compile=True)
     assert isinstance(pipe.model.output, Int4Linear) and pipe.info["quantize"] == "int4"
@@ -323,7 +356,7 @@ def test_packed_linear_equals_the_plain_product():
     if not can_pack(torch.device("cpu"), torch.bfloat16):
         pytest.skip("this CPU has no native bfloat16 in oneDNN")
     linear = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
-    packed = PackedLinear(linear)
+    packed = PackedLinear(linear.weight)
     for shape in ((1, 64), (1, 1, 64), (3, 5, 64)):
         x = torch.randn(shape).to(torch.bfloat16)
         expected = torch.nn.functional.linear(x.float(), linear.weight.float())
