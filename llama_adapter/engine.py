@@ -580,9 +580,16 @@ class Engine:
         serves eager answers, and switch to it at the first step boundary where no answer is half
         written (compiled and eager logits agree within 1e-4; each answer keeps one of them from
         start to end). ``compile_state`` goes "compiling", then "compiled", or back to "eager"
-        with a warning if compiling fails. Inductor caches on disk: the next start takes seconds."""
+        with a warning if compiling fails. Inductor caches on disk: the next start takes seconds.
+
+        Call it before serving: it first compiles a one-op function in the caller's thread
+        (:func:`initialise_inductor`)."""
         if self.compile_state != "eager":
             raise RuntimeError(f"The decode step is already {self.compile_state}.")
+        try:
+            initialise_inductor(self.device)
+        except Exception:  # the decode step's compile then fails too, and says why (below)
+            log.debug("Inductor's set-up failed", exc_info=True)
         self.compile_state = "compiling"
         thread = threading.Thread(target=self._compile_aside, name="llama-adapter-compile", daemon=True)
         thread.start()
@@ -629,6 +636,22 @@ def decode_rows(
     logits = model(tokens, cache=cache)[:, -1]
     slots.advance(1)
     return logits
+
+
+def initialise_inductor(device: torch.device) -> None:
+    """Run inductor's one-time set-up for this process now, by compiling a one-op function.
+
+    Inductor's first lowering in a process traces a function with ``torch.fx.symbolic_trace``,
+    which patches ``nn.Module.__call__`` for every thread while it runs: a model called in another
+    thread at that moment fails ("module is not installed as a submodule"). Seen under load as an
+    answer failing while the decode step compiled in the background on a cold cache."""
+    options = {"cpp_wrapper": True} if device.type == "cpu" else None
+    with torch.inference_mode():
+        torch.compile(_one_op, fullgraph=True, options=options)(torch.ones(4, device=device))
+
+
+def _one_op(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
 
 
 def release_openmp_workers() -> None:

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -406,6 +410,41 @@ def test_under_a_steady_load_the_compiled_step_takes_over_once_the_answers_under
     running.cancel()
     list(newcomer)
     assert newcomer.finish_reason == "length" and steps and eng.compile_state == "compiled"
+
+
+def test_inductor_traces_nothing_in_the_compile_thread_that_breaks_other_threads():
+    """Inductor's first lowering in a process runs a ``torch.fx`` symbolic trace, which patches
+    ``nn.Module.__call__`` for every thread: a model called in another thread meanwhile fails. So
+    no such trace may run in the background compile thread, even on a cold cache (a fresh process
+    with inductor's caches off: 40 s)."""
+    script = textwrap.dedent("""
+        import threading, torch, torch.fx
+        import llama_adapter
+        from llama_adapter.engine import Engine, EngineConfig
+        traced_in = []
+        trace = torch.fx.Tracer.trace
+        def recording_trace(self, *args, **kwargs):
+            if type(self).call_module is torch.fx.Tracer.call_module:  # refuses modules it is not tracing
+                traced_in.append(threading.current_thread().name)
+            return trace(self, *args, **kwargs)
+        torch.fx.Tracer.trace = recording_trace
+        pipe = llama_adapter.load("tiny")
+        engine = Engine(pipe.model, pipe.tokenizer, EngineConfig(max_batch=2))
+        engine.compile_in_background().join()
+        print(engine.compile_state, traced_in)
+    """)
+    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=Path(__file__).parents[1],
+    )
+    state, traced_in = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert state == "compiled", done.stderr[-2000:]
+    assert "llama-adapter-compile" not in traced_in and "MainThread" in traced_in
 
 
 def test_a_failed_background_compile_warns_and_stays_eager(tiny_pipe, endless, engine, monkeypatch, caplog):
