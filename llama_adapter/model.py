@@ -9,6 +9,9 @@ rotation below acts on adjacent pairs. Loaders convert other layouts to this one
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -20,6 +23,27 @@ from .config import AdapterConfig, LlamaConfig, RopeScaling
 
 Phase = Literal["pretrain", "finetune", "joint"]
 POSITION_STD = 0.02  # the visual position embedding's init, ViT's: at first the features, not their places, count
+
+
+_prompt_tokens = threading.local()
+
+
+@contextmanager
+def computing_prompt_tokens() -> Iterator[None]:
+    """Marks this thread's layer products as prompt tokens (prefill), not a decode step: kernels
+    may then differ from a decode step's (:class:`~llama_adapter.quantize.Int8Linear`) without
+    touching batch invariance, which only decode steps need."""
+    outer = getattr(_prompt_tokens, "on", False)
+    _prompt_tokens.on = True
+    try:
+        yield
+    finally:
+        _prompt_tokens.on = outer
+
+
+def computes_prompt_tokens() -> bool:
+    """Whether this thread is inside :func:`computing_prompt_tokens` (never in a compiled step)."""
+    return not torch.compiler.is_compiling() and getattr(_prompt_tokens, "on", False)
 
 
 class RMSNorm(nn.Module):
@@ -617,8 +641,9 @@ class LlamaAdapter(nn.Module):
             prompts = self.layer_prompts(visual_prompt, b)
 
         h = self.tok_embeddings(input_ids)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, freqs, mask, prompts[i], cache, i, record)
+        with computing_prompt_tokens():
+            for i, layer in enumerate(self.layers):
+                h = layer(h, freqs, mask, prompts[i], cache, i, record)
         if cache is not None:
             cache.advance(s)
             if not cache.prompts_ready:

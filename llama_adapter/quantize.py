@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import AdapterLinear, LlamaAdapter
+from .model import AdapterLinear, LlamaAdapter, computes_prompt_tokens
 
 
 class _Bf16RowsLinear(nn.Module):
@@ -26,9 +26,9 @@ class _Bf16RowsLinear(nn.Module):
         raise NotImplementedError
 
 
-PROMPT_ROWS = 16
-"""Products of at least this many rows are prompt chunks (the engine prefills 32 tokens at a time;
-its decode steps compute at most ``max_batch`` rows, 8 by default)."""
+PROMPT_ROWS = 4
+"""From this many rows, prompt tokens multiply by :class:`Int8Linear`'s bfloat16 copy (fewer are
+faster through the int8 kernel)."""
 
 
 class Int8Linear(_Bf16RowsLinear):
@@ -37,9 +37,10 @@ class Int8Linear(_Bf16RowsLinear):
     rows (see ``benchmarks/generate.py``), ~2× less memory traffic than float32 weights.
 
     Its cost grows with the rows (a 32-row prompt chunk costs ~7 one-row products), so with
-    ``prompt_copy`` prompt chunks (:data:`PROMPT_ROWS` rows or more) multiply by a bfloat16 copy of
-    the dequantized weight packed for oneDNN instead: 2.3× faster at 32 rows here, for 2 more bytes
-    per weight. Decode steps stay on the int8 kernel, so a row's logits do not depend on it."""
+    ``prompt_copy`` prompt tokens (:func:`~llama_adapter.model.computing_prompt_tokens`,
+    :data:`PROMPT_ROWS` rows or more) multiply by a bfloat16 copy of the dequantized weight packed
+    for oneDNN instead: 2.3× faster at 32 rows here, for 2 more bytes per weight. Decode steps stay
+    on the int8 kernel whatever their rows, so the engine's batch-invariant row counts are kept."""
 
     def __init__(self, linear: nn.Linear, prompt_copy: bool = False) -> None:
         super().__init__()
@@ -51,7 +52,7 @@ class Int8Linear(_Bf16RowsLinear):
         self.prompt_linear = PackedLinear(self.dequantized().to(torch.bfloat16)) if prompt_copy else None
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.prompt_linear is not None and rows.shape[0] >= PROMPT_ROWS:
+        if self.prompt_linear is not None and rows.shape[0] >= PROMPT_ROWS and computes_prompt_tokens():
             return self.prompt_linear(rows)
         return torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
 

@@ -11,6 +11,7 @@ import llama_adapter
 import llama_adapter.chat
 from llama_adapter.errors import InputError
 from llama_adapter.generate import Sampling, TextStream, sample_next
+from llama_adapter.model import computing_prompt_tokens
 from llama_adapter.prompts import format_alpaca, render
 from llama_adapter.quantize import PROMPT_ROWS, Int4Linear, Int8Linear, PackedLinear, can_pack
 
@@ -294,10 +295,10 @@ def test_int4_linear_computes_with_the_group_grid_weights():
             Int4Linear(torch.nn.Linear(*width, bias=False))
 
 
-def test_int8_prompt_chunks_use_the_bfloat16_copy_and_decode_steps_the_int8_kernel():
-    """Rows of a decode step (up to 8) go through the int8 kernel, bit for bit; a prompt chunk's
-    rows through the packed bfloat16 copy, whose product must be that of the dequantized weight
-    (row scale × integer, computed here) whatever the rows."""
+def test_int8_prompt_tokens_use_the_bfloat16_copy_and_decode_steps_the_int8_kernel():
+    """A decode step's rows go through the int8 kernel bit for bit, however many; prompt tokens
+    (inside ``computing_prompt_tokens``) from PROMPT_ROWS rows on through the packed bfloat16 copy,
+    whose product must be that of the dequantized weight (row scale × integer, computed here)."""
     if not can_pack(torch.device("cpu"), torch.bfloat16):
         pytest.skip("this CPU has no native bfloat16 in oneDNN")
     torch.manual_seed(0)
@@ -306,14 +307,17 @@ def test_int8_prompt_chunks_use_the_bfloat16_copy_and_decode_steps_the_int8_kern
     weight = linear.weight.detach()
     scales = weight.abs().amax(dim=1) / 127
     dequantized = torch.round(weight / scales[:, None]) * scales.bfloat16().float()[:, None]
-    for rows in (1, 8, PROMPT_ROWS - 1):
+    for rows in (1, 8, 16, 32):
         x = torch.randn(rows, 64)
         assert torch.equal(copied(x), plain(x))
-    for shape in ((PROMPT_ROWS, 64), (1, 32, 64)):
-        x = torch.randn(shape)
-        expected = torch.nn.functional.linear(x.bfloat16().float(), dequantized)
-        torch.testing.assert_close(copied(x), expected, atol=0.03, rtol=0.02)
-        assert not torch.equal(copied(x), plain(x))  # a different kernel computed it
+    with computing_prompt_tokens():
+        x = torch.randn(PROMPT_ROWS - 1, 64)
+        assert torch.equal(copied(x), plain(x))
+        for shape in ((PROMPT_ROWS, 64), (1, 32, 64)):
+            x = torch.randn(shape)
+            expected = torch.nn.functional.linear(x.bfloat16().float(), dequantized)
+            torch.testing.assert_close(copied(x), expected, atol=0.03, rtol=0.02)
+            assert not torch.equal(copied(x), plain(x))  # a different kernel computed it
 
 
 def test_only_a_small_int8_model_gets_the_prompt_copy(monkeypatch, caplog):
