@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -318,6 +319,37 @@ def test_int8_prompt_tokens_use_the_bfloat16_copy_and_decode_steps_the_int8_kern
             expected = torch.nn.functional.linear(x.bfloat16().float(), dequantized)
             torch.testing.assert_close(copied(x), expected, atol=0.03, rtol=0.02)
             assert not torch.equal(copied(x), plain(x))  # a different kernel computed it
+
+
+def test_a_prompt_goes_through_the_int8_copy_and_a_decode_step_does_not():
+    if not can_pack(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this CPU has no native bfloat16 in oneDNN")
+    pipe = llama_adapter.load("smollm2-135m", quantize="int8")
+    model = pipe.model
+    copies = {m: m.prompt_linear for m in model.modules() if isinstance(m, Int8Linear)}
+    assert all(linear is not None for linear in copies.values())
+    # Four rows: a decode step of four rows is wide enough for the copy, were it used there.
+    ids = torch.tensor([pipe.encode(pipe.render("Explain why the sky is blue in two sentences."))] * 4)
+
+    def use_copies(on: bool) -> None:
+        for m, linear in copies.items():
+            m.prompt_linear = linear if on else None
+
+    def prefill():
+        cache = model.new_cache(4)
+        model(ids, cache=cache, last_only=True)
+        return cache
+
+    with torch.inference_mode():
+        use_copies(True)
+        cache = prefill()
+        use_copies(False)
+        assert not torch.equal(cache.keys[-1], prefill().keys[-1])  # the prompt's keys came from the copy
+        steps = []
+        for on in (True, False):
+            use_copies(on)
+            steps.append(model(ids[:, -1:], cache=copy.deepcopy(cache)))
+        assert torch.equal(*steps)  # the decode step ran on the int8 kernel either way
 
 
 def test_only_a_small_int8_model_gets_the_prompt_copy(monkeypatch, caplog):
