@@ -193,10 +193,10 @@ each: +0.3 GB for the demo's SmolLM2-135M, where a 7B would need +13 GB)."""
 def wants_prompt_copy(model: LlamaAdapter, device: torch.device) -> bool:
     """Whether int8 weights on ``device`` get a packed bfloat16 copy for prompt chunks
     (:class:`~llama_adapter.quantize.Int8Linear`), logged either way."""
-    linears = [m.base for m in model.modules() if isinstance(m, AdapterLinear)] + [model.output]
-    weights = sum(m.weight.numel() for m in linears if isinstance(m, nn.Linear))
     if not can_pack(device, torch.bfloat16):
         return False
+    linears = [m.base for m in model.modules() if isinstance(m, AdapterLinear)] + [model.output]
+    weights = sum(m.weight.numel() for m in linears if isinstance(m, nn.Linear))
     if weights > PROMPT_COPY_MAX_WEIGHTS:
         log.info(
             "Prompts are prefilled with the int8 weights (a bfloat16 copy of %.1fB weights would take %.0f GB more)",
