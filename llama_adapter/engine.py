@@ -10,8 +10,12 @@ Continuous batching over ``max_batch`` slots, the rows of one :class:`SlotCache`
 
 - A request waits in a queue (at most ``max_waiting``; more get :class:`EngineBusy` at once),
   takes a free slot, and is prefilled into its own batch-1 :class:`KVCache` (a conversation's
-  cache, continued), ``prefill_chunk`` tokens at a time, one chunk between two decode steps, so
-  a long prompt never holds the others for more than a chunk.
+  cache, continued), ``prefill_chunk`` tokens at a time, by a second thread while the engine
+  thread goes on decoding the others: a newcomer's prompt never holds them up. Prefill computes
+  on one OpenMP thread, always (kernels may sum in another order with another thread count, and a
+  prompt must give the same logits alone or among others): a decode step is mostly small ops that
+  leave the second core idle, and with the two threads side by side the engine does ~1.7× the work
+  per second it did prefilling and decoding in turn on both cores.
 - Prefilled, its keys and values (and its adapter prompts' keys and values: each row has its
   own visual prompt) are copied into its slot's row, and it joins the next decode step.
 - A step decodes the first rows of the slots, up to the highest busy one, rounded up to a *row
@@ -26,12 +30,13 @@ Continuous batching over ``max_batch`` slots, the rows of one :class:`SlotCache`
   (Stop, a client that went away) leaves before the next step. A conversation's cache gets its
   row back when the request ends, so its next turn prefills only the new tokens.
 
-The model runs only in the engine thread (and, while :meth:`Engine.compile_in_background`
-compiles, in that thread, through a shallow copy whose decode step is the compiled one). Image
-encoding and experts happen before a request is submitted, in the caller's thread, which then
-gives back its OpenMP workers (:func:`release_openmp_workers`), as the engine thread does when
-it falls idle: with more OpenMP threads than cores, every small parallel op of a step would wait
-for its workers to wake.
+The model runs only in the engine's two threads: the prefill thread on the batch-1 caches of the
+requests it holds until it hands them back, the engine thread on the slots (and, while
+:meth:`Engine.compile_in_background` compiles, in that thread, through a shallow copy whose
+decode step is the compiled one). Image encoding and experts happen before a request is
+submitted, in the caller's thread, which then gives back its OpenMP workers
+(:func:`release_openmp_workers`), as the engine thread does when it falls idle: with more OpenMP
+threads than cores, every small parallel op of a step would wait for its workers to wake.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ import torch
 
 from .errors import EngineBusy, GenerationError, InputError
 from .generate import Sampling, TextStream, sample_next
-from .model import KVCache, LlamaAdapter
+from .model import KVCache, LlamaAdapter, computing_prompt_tokens
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -71,7 +76,7 @@ class EngineConfig:
     max_waiting: int = 32
     """Requests that may wait for a slot; beyond, :meth:`Engine.submit` raises :class:`EngineBusy`."""
     prefill_chunk: int = 32
-    """Prompt tokens prefilled between two decode steps (the most a newcomer holds the others up)."""
+    """Prompt tokens prefilled in one forward pass (a cancelled request stops between two)."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_waiting", "prefill_chunk"):
@@ -210,6 +215,8 @@ class Request:
         self.generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
         self.history = torch.tensor([ids], device=device) if params.repetition_penalty != 1.0 else None
         self.prefilled = 0
+        self.decoding = False
+        """Prefilled and in its slot's row: it takes part in decode steps."""
         self.slot: int | None = None
         self.last_token = 0
         self._events: queue.SimpleQueue = queue.SimpleQueue()
@@ -310,6 +317,10 @@ class Engine:
         self.device = model.tok_embeddings.weight.device
         self._rows: list[Request | None] = [None] * self.config.max_batch
         self._waiting: deque[Request] = deque()
+        self._to_prefill: deque[Request] = deque()
+        """Requests holding a slot whose prompt the prefill thread computes (in this order)."""
+        self._prefilled: deque[tuple[Request, torch.Tensor | BaseException | None]] = deque()
+        """Back from the prefill thread: the last position's logits, the failure, or None if cancelled."""
         self._running = 0
         self._closed = False
         self._cond = threading.Condition()
@@ -323,6 +334,13 @@ class Engine:
             self.slots = SlotCache(model, self.config.max_batch)
             self._warm_up()
         release_openmp_workers()
+        threads, on_one_thread = torch.get_num_threads(), threading.Event()
+        self._prefill_thread = threading.Thread(
+            target=self._prefill_loop, args=(on_one_thread,), name="llama-adapter-prefill", daemon=True
+        )
+        self._prefill_thread.start()
+        on_one_thread.wait()
+        torch.set_num_threads(threads)  # the default of threads yet to start, which the line above changed
         self._thread = threading.Thread(target=self._loop, name="llama-adapter-engine", daemon=True)
         self._thread.start()
         _engines.add(self)
@@ -371,7 +389,7 @@ class Engine:
                 )
             self._waiting.append(request)
             self._running += 1
-            self._cond.notify()
+            self._cond.notify_all()
         return request
 
     def close(self, wait: bool = True) -> None:
@@ -379,7 +397,7 @@ class Engine:
         until its thread has ended."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify_all()
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -387,7 +405,7 @@ class Engine:
 
     def _wake(self) -> None:
         with self._cond:
-            self._cond.notify()
+            self._cond.notify_all()
 
     def _loop(self) -> None:
         with torch.inference_mode():
@@ -405,28 +423,40 @@ class Engine:
                     self._iterate()
                 except Exception as e:  # a bug of ours, not the model's: end what is running, keep serving
                     for request in self._rows:
-                        if request is not None:
+                        if request is not None and request.decoding:
                             self._fail(request, e)
+            self._prefill_thread.join()
             for request in [*self._waiting, *self._rows]:
                 if request is not None:
                     self._finish(request, "cancelled")
 
     def _idle(self) -> bool:
-        return not (self._closed or self._waiting or any(self._rows) or self._compiled)
+        """Nothing for the engine thread to do: no slot to fill, nothing prefilled to take in,
+        nothing to decode or to let go."""
+        if self._closed or self._prefilled or any(r.cancelled.is_set() for r in self._waiting):
+            return False
+        if any(r is not None and r.decoding for r in self._rows):
+            return False
+        if self._compiled is not None:
+            return any(self._rows)  # the switch waits for the slots to empty
+        return not (self._waiting and None in self._rows)
 
     def _iterate(self) -> None:
-        """Admit waiting requests to free slots, let cancelled ones go, prefill one chunk, decode one
-        step. While a compiled step waits to take over, nobody new is admitted: the answers under
-        way finish eager, and the switch comes when the slots are empty (under a steady load they
-        would never all be free at once)."""
+        """Admit waiting requests to free slots (the prefill thread takes them from there), take
+        in the prefilled ones, let cancelled ones go, decode one step. While a compiled step waits
+        to take over, nobody new is admitted: the answers under way finish eager, and the switch
+        comes when the slots are empty (under a steady load they would never all be free at once)."""
         with self._cond:
             self._drop_cancelled_waiting()
             if self._compiled is None:
                 self._admit()
+            prefilled = list(self._prefilled)
+            self._prefilled.clear()
+        for request, outcome in prefilled:
+            self._join(request, outcome)
         for request in self._rows:
-            if request is not None and request.cancelled.is_set():
+            if request is not None and request.decoding and request.cancelled.is_set():
                 self._finish(request, "cancelled")
-        self._prefill_chunk()
         self._decode_step()
 
     def _drop_cancelled_waiting(self) -> None:
@@ -435,6 +465,8 @@ class Engine:
             self._finish(request, "cancelled")
 
     def _admit(self) -> None:
+        """Give free slots to waiting requests, in order, and hand them to the prefill thread
+        (called holding ``_cond``)."""
         for slot, holder in enumerate(self._rows):
             if holder is None and self._waiting:
                 request = self._waiting.popleft()
@@ -442,27 +474,68 @@ class Engine:
                 if request.cache is None:
                     request.cache = self.model.new_cache(1)
                 self._rows[slot] = request
+                self._to_prefill.append(request)
+                self._cond.notify_all()
 
-    def _prefill_chunk(self) -> None:
-        """One chunk of the prompt of the request that came first among those still prefilling."""
-        prefilling = [r for r in self._rows if r is not None and r.prefilled < len(r.ids)]
-        if not prefilling:
+    def _join(self, request: Request, outcome: torch.Tensor | BaseException | None) -> None:
+        """A request back from the prefill thread: into its slot's row, with its first token."""
+        if outcome is None:
+            self._finish(request, "cancelled")
             return
-        request = min(prefilling, key=lambda r: r.id)
-        chunk = request.ids[request.prefilled : request.prefilled + self.config.prefill_chunk]
+        if isinstance(outcome, BaseException):
+            self._fail(request, outcome)
+            return
         try:
-            x = torch.tensor([chunk], device=self.device)
-            logits = self.model(x, visual_prompt=request.visual_prompt, cache=request.cache, last_only=True)
-            request.prefilled += len(chunk)
-            if request.prefilled < len(request.ids):
-                return
             self.slots.load(request.slot, request.cache)
-            self._accept(request, self._sample(request, logits[:, -1]))
-        except Exception as e:  # out of memory, a device error: this request ends, the others go on
+            request.decoding = True
+            self._accept(request, self._sample(request, outcome))
+        except Exception as e:
             self._fail(request, e)
 
+    # -- the prefill thread ------------------------------------------------------------------------
+
+    def _prefill_loop(self, on_one_thread: threading.Event) -> None:
+        torch.get_num_threads()  # torch's per-thread set-up, now: at the first op it would take the default
+        torch.set_num_threads(1)  # OpenMP's and MKL's count for this thread (and the process's default)
+        on_one_thread.set()
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._closed or self._to_prefill):
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    request = self._to_prefill[0]
+                outcome = self._prefill(request)
+                with self._cond:
+                    self._to_prefill.popleft()
+                    self._prefilled.append((request, outcome))
+                    self._cond.notify_all()
+
+    def _prefill(self, request: Request) -> torch.Tensor | BaseException | None:
+        """``request``'s prompt into its own cache, a chunk at a time: the last position's logits,
+        or the failure (out of memory, a device error: this request ends, the others go on), or
+        None if it was cancelled (or the engine closed) on the way."""
+        logits = None
+        try:
+            while request.prefilled < len(request.ids):
+                if request.cancelled.is_set() or self._closed:
+                    return None
+                chunk = request.ids[request.prefilled : request.prefilled + self.config.prefill_chunk]
+                x = torch.tensor([chunk], device=self.device)
+                # Prompt tokens even when a chunk is one token: the compiled step is the engine thread's
+                # (called from here, on one OpenMP thread, it would fail its guards and compile anew).
+                with computing_prompt_tokens():
+                    logits = self.model(x, visual_prompt=request.visual_prompt, cache=request.cache, last_only=True)
+                request.prefilled += len(chunk)
+        except Exception as e:
+            return e
+        return logits[:, -1]
+
+    # -- the engine thread, again ------------------------------------------------------------------
+
     def _decode_step(self) -> None:
-        decoding = [r for r in self._rows if r is not None and r.prefilled == len(r.ids)]
+        decoding = [r for r in self._rows if r is not None and r.decoding]
         if not decoding:
             return
         highest = max(r.slot for r in decoding)
@@ -519,7 +592,7 @@ class Engine:
                 tail = request.stream.finish()
                 if tail:
                     request.post(tail)
-            if slot is not None and reason != "error" and request.prefilled == len(request.ids):
+            if slot is not None and reason != "error" and request.decoding:
                 self.slots.save(slot, request.cache)
         except Exception as e:  # keep the engine alive; the request still ends
             log.exception("Could not finish a request cleanly")
@@ -615,7 +688,7 @@ class Engine:
         )
         with self._cond:
             self._compiled = (shadow.decode_step, row_counts)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def _switch_to_compiled(self) -> None:
         self.model.decode_step, self.row_counts = self._compiled

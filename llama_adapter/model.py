@@ -619,7 +619,9 @@ class LlamaAdapter(nn.Module):
 
         ``attention_mask`` [B, S] marks real tokens (0 = left padding). With a ``cache`` the
         tokens continue the cached sequence and their keys/values are appended to it. A ``record``
-        sees inside the adapter layers and visual blocks (a one-token step then runs eager).
+        sees inside the adapter layers and visual blocks (a one-token step then runs eager). Inside
+        :func:`computing_prompt_tokens` one token is a prompt's (the engine's prefill thread), never
+        a :meth:`decode_step`.
         """
         b, s = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -627,7 +629,8 @@ class LlamaAdapter(nn.Module):
             raise ValueError(f"Sequence longer than the model's context ({self.config.max_seq_len} tokens)")
         if images is not None and visual_prompt is None:
             visual_prompt = self.encode_image(images, record=record)
-        if cache is not None and cache.prompts_ready and s == 1 and attention_mask is None and record is None:
+        one_step = cache is not None and cache.prompts_ready and s == 1 and attention_mask is None
+        if one_step and record is None and not computes_prompt_tokens():
             freqs = self.rotations(cache.next_position.unsqueeze(1))
             cache.append_valid(1, None)
             logits = self.decode_step(self.tok_embeddings(input_ids), freqs, cache)

@@ -1,5 +1,5 @@
 """The engine: every request decoded together, each answer the same as alone (greedy and seeded),
-requests joining and leaving mid-way, prompts prefilled in chunks between decode steps, cancel
+requests joining and leaving mid-way, prompts prefilled in chunks beside the decode steps, cancel
 and a bounded queue; checked against transformers and against each request run alone."""
 
 from __future__ import annotations
@@ -106,31 +106,49 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny_pipe, engine):
     assert len({tuple(a) for a in alone}) == 4
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny_pipe, endless, engine, monkeypatch):
+def test_a_newcomers_prompt_is_prefilled_beside_the_decoding_without_holding_it_up(
+    tiny_pipe, endless, engine, monkeypatch
+):
+    """The prefill thread computes a newcomer's prompt in chunks, on one OpenMP thread, while the
+    engine thread goes on decoding the others: held in the middle of its prompt, the newcomer
+    holds nobody up, and its answer is the one it gets alone."""
     eng = engine(endless, max_batch=2, prefill_chunk=8)
-    calls: list[str] = []
+    long_prompt = tiny_pipe.encode(PROMPTS[3] * 2)
+    assert len(long_prompt) > 3 * 8 and len(long_prompt) + 4 <= tiny_pipe.context_length
+    alone = answer(eng, long_prompt, 4)
+    decoding = eng.submit(tiny_pipe.encode("Count to five."), Sampling(max_new_tokens=200))
+    wait_until(lambda: decoding.completion_tokens >= 3)
+    chunks: list[tuple[str, int]] = []
+    held, release = threading.Event(), threading.Event()
     real = tiny_pipe.model.forward
 
     def forward(*args: Any, cache=None, **kwargs: Any) -> Any:
-        calls.append("step" if isinstance(cache, SlotCache) else "chunk")
+        if not isinstance(cache, SlotCache):  # a chunk of the newcomer's prompt
+            chunks.append((threading.current_thread().name, torch.get_num_threads()))
+            if len(chunks) == 2:
+                held.set()
+                assert release.wait(60)
         return real(*args, cache=cache, **kwargs)
 
     monkeypatch.setattr(tiny_pipe.model, "forward", forward)
-    decoding = eng.submit(tiny_pipe.encode("Count to five."), Sampling(max_new_tokens=200))
-    wait_until(lambda: decoding.completion_tokens >= 3)
-    long_prompt = tiny_pipe.encode(PROMPTS[3] * 2)
-    assert len(long_prompt) + 4 <= tiny_pipe.context_length
-    assert len(long_prompt) > 8 * 8
-    start = len(calls)
     newcomer = eng.submit(long_prompt, Sampling(max_new_tokens=4))
+    try:
+        assert held.wait(60)
+        before = decoding.completion_tokens
+        wait_until(lambda: decoding.completion_tokens >= before + 5, seconds=60)
+    finally:
+        release.set()
     list(newcomer)
     decoding.close()
-    seen = calls[start:]
-    chunks = [i for i, kind in enumerate(seen) if kind == "chunk"]
-    assert len(chunks) == -(-len(long_prompt) // 8)
-    # Between two chunks of the newcomer's prompt, the request already decoding took a step.
-    assert all(seen[a + 1 : b].count("step") >= 1 for a, b in zip(chunks, chunks[1:]))
-    assert newcomer.finish_reason == "length" and decoding.finish_reason == "cancelled"
+    assert newcomer.generated == alone and newcomer.finish_reason == "length"
+    assert chunks == [("llama-adapter-prefill", 1)] * -(-len(long_prompt) // 8)
+    assert decoding.finish_reason == "cancelled"
+    # The other threads keep their count, and threads started later get the process's default.
+    counts: list[int] = []
+    later = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert torch.get_num_threads() == counts[0] == min(2, os.cpu_count() or 1)
 
 
 def test_cancel_frees_the_slot_before_the_next_step(tiny_pipe, endless, engine):
@@ -378,7 +396,7 @@ def test_compiling_in_the_background_answers_eager_meanwhile_and_switches_betwee
         assert answer(eng, ids) == eager and answer(eng, ids[:5]) == answer(eng, ids[:5])
         chunk = eng.config.prefill_chunk
         assert len(ids) > chunk + 1
-        answer(eng, ids[: chunk + 1])  # its last prefill chunk is one token: it goes through the decode step
+        answer(eng, ids[: chunk + 1])  # its last prefill chunk is one token: a prompt's, not a decode step
         assert counters["stats"]["unique_graphs"] == graphs, "compiled while serving"
     finally:
         eng.close()
