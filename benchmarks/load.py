@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 
+APP_ENVIRONMENT = dict(os.environ)
+"""The app runs in the caller's environment, as ``python app.py`` would, not in this process's."""
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle threads sleep on a shared CPU
 
 import argparse  # noqa: E402
@@ -351,7 +353,12 @@ def start_app(port: int, extra: list[str], logfile: Path) -> subprocess.Popen:
     """``python app.py`` on 127.0.0.1:``port``, offline; returns once it answers."""
     import httpx
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_NAME": "127.0.0.1"}
+    env = {
+        **APP_ENVIRONMENT,
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+    }
     with open(logfile, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "app.py", "--port", str(port), *extra],

@@ -75,7 +75,7 @@ class EngineConfig:
     """Slots: requests decoded in one step. Each step computes all of them, busy or free."""
     max_waiting: int = 32
     """Requests that may wait for a slot; beyond, :meth:`Engine.submit` raises :class:`EngineBusy`."""
-    prefill_chunk: int = 32
+    prefill_chunk: int = 128
     """Prompt tokens prefilled in one forward pass (a cancelled request stops between two)."""
 
     def __post_init__(self) -> None:

@@ -369,7 +369,7 @@ def test_compiling_in_the_background_answers_eager_meanwhile_and_switches_betwee
     pipe = llama_adapter.load("tiny")  # its own model: the switch replaces the model's decode step
     tokenizer = copy.copy(pipe.tokenizer)
     tokenizer.stop_ids = set()
-    eng = Engine(pipe.model, tokenizer, EngineConfig(max_batch=2))
+    eng = Engine(pipe.model, tokenizer, EngineConfig(max_batch=2, prefill_chunk=8))
     try:
         ids = pipe.encode(pipe.render(PROMPTS[0]))
         eager = answer(eng, ids)
@@ -436,7 +436,7 @@ def test_inductor_traces_nothing_in_the_compile_thread_that_breaks_other_threads
     no such trace may run in the background compile thread, even on a cold cache (a fresh process
     with inductor's caches off: 40 s)."""
     script = textwrap.dedent("""
-        import threading, torch, torch.fx
+        import threading, time, torch, torch.fx
         import llama_adapter
         from llama_adapter.engine import Engine, EngineConfig
         traced_in = []
@@ -449,6 +449,9 @@ def test_inductor_traces_nothing_in_the_compile_thread_that_breaks_other_threads
         pipe = llama_adapter.load("tiny")
         engine = Engine(pipe.model, pipe.tokenizer, EngineConfig(max_batch=2))
         engine.compile_in_background().join()
+        deadline = time.monotonic() + 60  # the engine thread switches to the compiled step when it wakes
+        while engine.compile_state == "compiling" and time.monotonic() < deadline:
+            time.sleep(0.01)
         print(engine.compile_state, traced_in)
     """)
     env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
