@@ -179,6 +179,25 @@ class AttentionMask:
     is_causal: bool
 
 
+def attend_one_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new token per row (q [B, H, 1, D]) over keys and values [B, KV heads, T, D]
+    under a boolean ``mask`` [B, 1, 1, T], the query heads that share a key head taken as rows of
+    one product.
+
+    Written out rather than through SDPA so that a row's result does not depend on the rows beside
+    it: on two threads SDPA's CPU kernel divides the work by the batch's size, and a decode step's
+    rows changed in the last bits with the batch (83 of 120 random cases differed, against 0 of 840
+    here, whatever the rows and the cache's capacity), so a greedy answer could differ alone and
+    in a batch."""
+    b, h, _, d = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.reshape(b, kv_heads, h // kv_heads, d)
+    scores = grouped @ k.transpose(-1, -2) * d**-0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(b, 1, 1, -1), float("-inf"))
+    return (scores.softmax(-1) @ v).reshape(b, h, 1, d)
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, for every layer; grows on demand.
 
@@ -328,9 +347,12 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.write(layer_id, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if s == 1 and not mask.is_causal:
+            out = attend_one_token(q, k, v, mask.mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal, enable_gqa=self.n_kv_heads != self.n_heads
+            )
         if self.gate is not None:
             kv = self._prompt_kv(prompt, cache, layer_id, prompt_norm, q.dtype)
             if kv is not None:
