@@ -1,15 +1,13 @@
 """Passes that swap the frozen base linears for faster inference (adapter tensors stay in full
 precision): 8-bit weights (bitsandbytes ``Linear8bitLt`` on CUDA, weight-only int8 on CPU), 4-bit
-weights on CPU, half-precision weights packed once for oneDNN on CPU, and float32 weights whose
-decode products run in the project's own CPU kernel."""
+weights on CPU, and
+half-precision weights packed once for oneDNN on CPU."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .kernels import decode_kernels_available
 from .model import AdapterLinear, LlamaAdapter, computes_prompt_tokens
 
 
@@ -60,26 +58,6 @@ class Int8Linear(_Bf16RowsLinear):
 
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales.float()[:, None]
-
-
-class Float32Linear(nn.Module):
-    """A float32 base linear for CPU inference whose decode products run in the project's kernel
-    (:mod:`llama_adapter.kernels`), which reads the weights ~3× faster than MKL's one-row product
-    here and gives each row bitwise the same result in any batch; prompt tokens
-    (:func:`~llama_adapter.model.computing_prompt_tokens`, :data:`PROMPT_ROWS` rows or more) stay on
-    ``F.linear``, faster for many rows. The same weight tensor, not a copy."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] >= PROMPT_ROWS and computes_prompt_tokens():
-            return F.linear(x, self.weight)
-        y = torch.ops.llama_adapter.float_linear(rows.contiguous(), self.weight)
-        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class Int4Linear(_Bf16RowsLinear):
@@ -164,16 +142,6 @@ def quantize_model(model: LlamaAdapter, method: str = "int8", *, prompt_copy: bo
             raise ValueError("quantize='int4' is for CPU; on a GPU use 'int8' or bfloat16")
         return _swap_base_linears(model, Int4Linear)
     raise ValueError(f"Unknown quantization {method!r}; supported: 'int8', 'int4'")
-
-
-def use_decode_kernels(model: LlamaAdapter) -> bool:
-    """Swap float32 CPU base linears (and the output head) for :class:`Float32Linear`, in place,
-    where the project's kernels are available; whether it did."""
-    weight = model.tok_embeddings.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not decode_kernels_available():
-        return False
-    _swap_base_linears(model, Float32Linear)
-    return True
 
 
 def pack_linears(model: LlamaAdapter) -> LlamaAdapter:

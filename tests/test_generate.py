@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import threading
 
 import pytest
@@ -11,13 +10,11 @@ import torch
 
 import llama_adapter
 import llama_adapter.chat
-from llama_adapter import kernels, quantize
 from llama_adapter.errors import InputError
 from llama_adapter.generate import Sampling, TextStream, sample_next
-from llama_adapter.kernels import decode_kernels_available
-from llama_adapter.model import AdapterLinear, computing_prompt_tokens
+from llama_adapter.model import computing_prompt_tokens
 from llama_adapter.prompts import format_alpaca, render
-from llama_adapter.quantize import PROMPT_ROWS, Float32Linear, Int4Linear, Int8Linear, PackedLinear, can_pack
+from llama_adapter.quantize import PROMPT_ROWS, Int4Linear, Int8Linear, PackedLinear, can_pack
 
 
 def test_stream_yields_pieces_that_join_to_the_answer(smol):
@@ -297,69 +294,6 @@ def test_int4_linear_computes_with_the_group_grid_weights():
     for width in ((40, 48), (96, 40)):
         with pytest.raises(ValueError, match="divisible by 32 and output widths by 16"):
             Int4Linear(torch.nn.Linear(*width, bias=False))
-
-
-@pytest.fixture(scope="module")
-def float_kernel():
-    if not decode_kernels_available():
-        pytest.skip("the decode kernel did not build here (see the log for why)")
-    return torch.ops.llama_adapter.float_linear
-
-
-@pytest.mark.parametrize("width", [576, 1536, 40, 7])  # the lanes' tail: 40 = 2×16 + 8, 7 < 16
-def test_the_float_kernel_gives_x_times_w_each_row_the_same_alone_or_among_others(float_kernel, width):
-    """Against float64 x @ wᵀ computed here; outputs not a multiple of the 4-row tile (50), one to
-    nine rows (the 4-row and 1-row passes); every row bitwise the same in any batch and on one
-    thread or two (the engine's batch invariance rests on it)."""
-    generator = torch.Generator().manual_seed(width)
-    weight = torch.randn(50, width, generator=generator)
-    x = torch.randn(9, width, generator=generator)
-    full = float_kernel(x, weight)
-    torch.testing.assert_close(full.double(), x.double() @ weight.double().T, rtol=1e-5, atol=1e-5 * width**0.5)
-    for rows in range(1, 9):
-        assert torch.equal(float_kernel(x[:rows].contiguous(), weight), full[:rows])
-        assert torch.equal(float_kernel(x[rows : rows + 1].contiguous(), weight), full[rows : rows + 1])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(float_kernel(x, weight), full)
-    finally:
-        torch.set_num_threads(threads)
-    with pytest.raises(RuntimeError, match="weight must be a contiguous float32"):
-        float_kernel(x, weight.double())
-
-
-def test_float32_models_decode_through_the_kernel_eager_and_compiled(float_kernel):
-    """load()'s float32 model on CPU: every base linear and the head decode through the kernel
-    (prompts through F.linear), eager and inside a compiled graph (the C++ wrapper calls the op)."""
-    model = llama_adapter.load("tiny", quantize=None).model
-    linears = [m.base for m in model.modules() if isinstance(m, AdapterLinear)] + [model.output]
-    assert all(isinstance(m, Float32Linear) for m in linears)
-    plain = torch.nn.Linear(40, 50, bias=False)
-    assert Float32Linear(plain).weight is plain.weight  # the same tensor (tied heads stay tied), not a copy
-    layer = linears[0]
-    prompt = torch.randn(1, PROMPT_ROWS, layer.in_features)
-    with computing_prompt_tokens():
-        assert torch.equal(layer(prompt), torch.nn.functional.linear(prompt, layer.weight))
-    step = prompt[:, :2]
-    eager = layer(step)
-    assert torch.equal(eager, float_kernel(step[0], layer.weight)[None])
-    compiled = torch.compile(layer, fullgraph=True, options={"cpp_wrapper": True})
-    assert torch.equal(compiled(step), eager)
-
-
-def test_without_a_compiler_inference_falls_back_to_torchs_kernels_with_a_warning(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("LLAMA_ADAPTER_CACHE", str(tmp_path))
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(
-        kernels, "decode_kernels_available", functools.cache(kernels.decode_kernels_available.__wrapped__)
-    )
-    with caplog.at_level("WARNING", logger="llama_adapter.kernels"):
-        assert not kernels.decode_kernels_available()
-    assert "could not be built" in caplog.text and "no-such-compiler" in caplog.text
-    monkeypatch.setattr(quantize, "decode_kernels_available", kernels.decode_kernels_available)
-    model = llama_adapter.load("tiny", quantize=None).model
-    assert isinstance(model.output, torch.nn.Linear)
 
 
 def test_int8_prompt_tokens_use_the_bfloat16_copy_and_decode_steps_the_int8_kernel():
