@@ -21,7 +21,7 @@ from .errors import CheckpointError
 from .model import AdapterLinear, LlamaAdapter, adapter_state_dict, parameter_group
 from .pipeline import Limits, Pipeline
 from .prompts import Template
-from .quantize import can_pack, pack_linears, quantize_model
+from .quantize import can_pack, pack_linears, quantize_model, use_decode_kernels
 from .tokenizer import Tokenizer
 from .weights import AdapterWeights, BaseWeights, check_keys, load_adapter, load_base, read_adapter_metadata
 
@@ -68,7 +68,7 @@ def choose_precision(
     device: torch.device, dtype: torch.dtype | str | None, quantize: str | None
 ) -> tuple[torch.dtype, str | None, str]:
     """The base's dtype and quantization, and why. Whatever is asked is kept; with neither asked,
-    the fastest setting whose quality we verified: on CPU, weight-only int8 (3× float32's decoding
+    the fastest setting whose quality we verified: on CPU, weight-only int8 (2.6× float32's decoding
     speed, perplexity within 0.7 % of float32's, the demo model's held-out answers re-checked; see
     the README), also where the CPU has native bfloat16, since int8 reads half of bfloat16's bytes
     per token; on a GPU, bfloat16 (float16 where bfloat16 is missing). ``quantize=None`` or an
@@ -77,7 +77,7 @@ def choose_precision(
     if quantize != AUTO:
         return asked or default_dtype(device), quantize, "as asked"
     if asked is None and device.type == "cpu":
-        why = "the CPU default (3× float32's decoding speed; pass quantize=None or dtype='fp32' for exact float32)"
+        why = "the CPU default (2.6× float32's decoding speed; pass quantize=None or dtype='fp32' for exact float32)"
         return torch.float32, "int8", why
     return asked or default_dtype(device), None, "as asked" if asked else f"the {device.type} default"
 
@@ -181,6 +181,8 @@ def prepare_for_inference(model: LlamaAdapter, *, quantize: str | None = None, c
         quantize_model(model, quantize, prompt_copy=quantize == "int8" and wants_prompt_copy(model, device))
     elif can_pack(device, model.tok_embeddings.weight.dtype) and not compile:
         pack_linears(model)  # inductor cannot take oneDNN's packed weights
+    else:
+        use_decode_kernels(model)
     model.eval()
     return compile and compile_decoding(model)
 

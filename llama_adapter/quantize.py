@@ -1,46 +1,33 @@
 """Passes that swap the frozen base linears for faster inference (adapter tensors stay in full
 precision): 8-bit weights (bitsandbytes ``Linear8bitLt`` on CUDA, weight-only int8 on CPU), 4-bit
-weights on CPU, and
-half-precision weights packed once for oneDNN on CPU."""
+weights on CPU, half-precision weights packed once for oneDNN on CPU, and float32 weights whose
+decode products run in the project's own CPU kernel (:mod:`llama_adapter.kernels`)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .kernels import decode_kernels_available
 from .model import AdapterLinear, LlamaAdapter, computes_prompt_tokens
 
-
-class _Bf16RowsLinear(nn.Module):
-    """A CPU kernel linear that computes on rows of bfloat16 activations: inputs of any leading
-    shape and dtype in, the same out."""
-
-    in_features: int
-    out_features: int
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._product(x.reshape(-1, self.in_features).to(torch.bfloat16))
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-    def _product(self, rows: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
 PROMPT_ROWS = 4
-"""From this many rows, prompt tokens multiply by :class:`Int8Linear`'s bfloat16 copy (fewer are
-faster through the int8 kernel)."""
+"""From this many rows, prompt tokens multiply by :class:`Int8Linear`'s bfloat16 copy or
+:class:`Float32Linear`'s ``F.linear`` (fewer are faster through the decode kernels)."""
 
 
-class Int8Linear(_Bf16RowsLinear):
-    """Weight-only int8 with one scale per output row. On CPU the product runs in
-    ``torch._weight_int8pack_mm`` with bfloat16 activations: measured fastest here at one or two
-    rows (see ``benchmarks/generate.py``), ~2× less memory traffic than float32 weights.
+class Int8Linear(nn.Module):
+    """Weight-only int8 with one scale per output row, on CPU: ~2× less memory traffic per token
+    than float32 weights. Decode steps multiply in the project's kernel
+    (:mod:`llama_adapter.kernels`: float32 activations, each row summed alone, so bitwise the same in
+    any batch), else in ``torch._weight_int8pack_mm`` with bfloat16 activations (~2× slower at one to
+    eight rows here, see ``benchmarks/generate.py``).
 
-    Its cost grows with the rows (a 32-row prompt chunk costs ~7 one-row products), so with
-    ``prompt_copy`` prompt tokens (:func:`~llama_adapter.model.computing_prompt_tokens`,
+    With ``prompt_copy``, prompt tokens (:func:`~llama_adapter.model.computing_prompt_tokens`,
     :data:`PROMPT_ROWS` rows or more) multiply by a bfloat16 copy of the dequantized weight packed
-    for oneDNN instead: 2.3× faster at 32 rows here, for 2 more bytes per weight. Decode steps stay
-    on the int8 kernel whatever their rows, so the engine's batch-invariant row counts are kept."""
+    for oneDNN instead: 2.3× faster than the int8 kernel at 32 rows here, for 2 more bytes per
+    weight. Decode steps stay on the int8 kernel whatever their rows."""
 
     def __init__(self, linear: nn.Linear, prompt_copy: bool = False) -> None:
         super().__init__()
@@ -50,17 +37,43 @@ class Int8Linear(_Bf16RowsLinear):
         self.register_buffer("weight_int8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
         self.prompt_linear = PackedLinear(self.dequantized().to(torch.bfloat16)) if prompt_copy else None
+        self.own_kernel = decode_kernels_available()
 
-    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
         if self.prompt_linear is not None and rows.shape[0] >= PROMPT_ROWS and computes_prompt_tokens():
-            return self.prompt_linear(rows)
-        return torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+            y = self.prompt_linear(rows.to(torch.bfloat16))
+        elif self.own_kernel and x.dtype == torch.float32:
+            y = torch.ops.llama_adapter.int8_linear(rows.contiguous(), self.weight_int8, self.scales)
+        else:
+            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self.scales)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales.float()[:, None]
 
 
-class Int4Linear(_Bf16RowsLinear):
+class Float32Linear(nn.Module):
+    """A float32 base linear for CPU inference whose decode products run in the project's kernel
+    (:mod:`llama_adapter.kernels`), which reads the weights ~2.5× faster than MKL's one-row product
+    here and gives each row bitwise the same result in any batch; prompt tokens
+    (:func:`~llama_adapter.model.computing_prompt_tokens`, :data:`PROMPT_ROWS` rows or more) stay on
+    ``F.linear``, faster for many rows. The same weight tensor, not a copy."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] >= PROMPT_ROWS and computes_prompt_tokens():
+            return F.linear(x, self.weight)
+        y = torch.ops.llama_adapter.float_linear(rows.contiguous(), self.weight)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
     """Weight-only 4-bit integers, asymmetric, one scale and offset per ``group`` input columns of
     each output row (the layout of ``torch._weight_int4pack_mm_for_cpu``, which computes with
     bfloat16 activations): w ≈ (q - 8) · scale + offset, q in 0..15. CPU only; half int8's bytes
@@ -90,8 +103,10 @@ class Int4Linear(_Bf16RowsLinear):
         pairs = torch.stack([scales.squeeze(-1), offsets.squeeze(-1)], dim=-1).transpose(0, 1)
         self.register_buffer("scales_and_offsets", pairs.contiguous().to(torch.bfloat16))
 
-    def _product(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_and_offsets)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_and_offsets)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 class PackedLinear(nn.Module):
@@ -142,6 +157,16 @@ def quantize_model(model: LlamaAdapter, method: str = "int8", *, prompt_copy: bo
             raise ValueError("quantize='int4' is for CPU; on a GPU use 'int8' or bfloat16")
         return _swap_base_linears(model, Int4Linear)
     raise ValueError(f"Unknown quantization {method!r}; supported: 'int8', 'int4'")
+
+
+def use_decode_kernels(model: LlamaAdapter) -> bool:
+    """Swap float32 CPU base linears (and the output head) for :class:`Float32Linear`, in place,
+    where the project's kernels are available; whether it did."""
+    weight = model.tok_embeddings.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not decode_kernels_available():
+        return False
+    _swap_base_linears(model, Float32Linear)
+    return True
 
 
 def pack_linears(model: LlamaAdapter) -> LlamaAdapter:

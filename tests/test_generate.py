@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 
 import pytest
@@ -10,11 +11,13 @@ import torch
 
 import llama_adapter
 import llama_adapter.chat
+from llama_adapter import kernels, quantize
 from llama_adapter.errors import InputError
 from llama_adapter.generate import Sampling, TextStream, sample_next
-from llama_adapter.model import computing_prompt_tokens
+from llama_adapter.kernels import decode_kernels_available
+from llama_adapter.model import AdapterLinear, computing_prompt_tokens
 from llama_adapter.prompts import format_alpaca, render
-from llama_adapter.quantize import PROMPT_ROWS, Int4Linear, Int8Linear, PackedLinear, can_pack
+from llama_adapter.quantize import PROMPT_ROWS, Float32Linear, Int4Linear, Int8Linear, PackedLinear, can_pack
 
 
 def test_stream_yields_pieces_that_join_to_the_answer(smol):
@@ -294,6 +297,102 @@ def test_int4_linear_computes_with_the_group_grid_weights():
     for width in ((40, 48), (96, 40)):
         with pytest.raises(ValueError, match="divisible by 32 and output widths by 16"):
             Int4Linear(torch.nn.Linear(*width, bias=False))
+
+
+@pytest.fixture(scope="module")
+def own_kernels():
+    if not decode_kernels_available():
+        pytest.skip("the decode kernels did not build here (see the log for why)")
+    return torch.ops.llama_adapter
+
+
+def random_int8_product(generator: torch.Generator, outputs: int, width: int):
+    weight = torch.randint(-127, 128, (outputs, width), dtype=torch.int8, generator=generator)
+    scales = (torch.rand(outputs, generator=generator) / 100).bfloat16()
+    return (weight, scales), weight.double() * scales.double()[:, None]
+
+
+@pytest.mark.parametrize("kind", ["float32", "int8"])
+@pytest.mark.parametrize("width", [576, 1536, 40, 7])  # the lanes' tail: 40 = 2×16 + 8, 7 < 16
+def test_the_decode_kernels_give_x_times_w_each_row_the_same_alone_or_among_others(own_kernels, kind, width):
+    """Against float64 x @ wᵀ (times the row scales for int8) computed here; 130 outputs: 32 tiles
+    of 4, enough for two threads, and a tail of 2; one to nine rows (the 4-row and 1-row passes);
+    every row bitwise the same in any batch and on one thread or two (the engine's batch invariance
+    rests on it)."""
+    generator = torch.Generator().manual_seed(width)
+    if kind == "float32":
+        weight = torch.randn(130, width, generator=generator)
+        args, dense = (weight,), weight.double()
+        kernel = own_kernels.float_linear
+    else:
+        args, dense = random_int8_product(generator, 130, width)
+        kernel = own_kernels.int8_linear
+    x = torch.randn(9, width, generator=generator)
+    full = kernel(x, *args)
+    expected = x.double() @ dense.T
+    torch.testing.assert_close(full.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    for rows in range(1, 9):
+        assert torch.equal(kernel(x[:rows].contiguous(), *args), full[:rows])
+        assert torch.equal(kernel(x[rows : rows + 1].contiguous(), *args), full[rows : rows + 1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kernel(x, *args), full)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="x must be a contiguous 2-D float32"):
+        kernel(x.double(), *args)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous"):
+        kernel(x, args[0].T, *args[1:])
+
+
+def test_the_int8_kernel_refuses_scales_that_do_not_match(own_kernels):
+    (weight, scales), _ = random_int8_product(torch.Generator().manual_seed(0), 8, 32)
+    x = torch.randn(1, 32)
+    for wrong in (scales.float(), scales[:7]):
+        with pytest.raises(RuntimeError, match="scales must be a contiguous bfloat16 CPU tensor, one per output row"):
+            own_kernels.int8_linear(x, weight, wrong)
+
+
+@pytest.mark.parametrize("quantize_as", [None, "int8"])
+def test_models_decode_through_the_own_kernels_eager_and_compiled(own_kernels, quantize_as):
+    """load()'s float32 and int8 models on CPU: every base linear and the head decode through the
+    kernels (prompts through F.linear or the bfloat16 copy), eager and inside a compiled graph (the
+    C++ wrapper calls the op)."""
+    model = llama_adapter.load("tiny", quantize=quantize_as).model
+    linears = [m.base for m in model.modules() if isinstance(m, AdapterLinear)] + [model.output]
+    layer = linears[0]
+    step = torch.randn(1, 2, layer.in_features)
+    if quantize_as is None:
+        assert all(isinstance(m, Float32Linear) for m in linears)
+        plain = torch.nn.Linear(40, 50, bias=False)
+        assert Float32Linear(plain).weight is plain.weight  # the same tensor (tied heads stay tied), not a copy
+        prompt = torch.randn(1, PROMPT_ROWS, layer.in_features)
+        with computing_prompt_tokens():
+            assert torch.equal(layer(prompt), torch.nn.functional.linear(prompt, layer.weight))
+        expected = own_kernels.float_linear(step[0], layer.weight)
+    else:
+        assert all(isinstance(m, Int8Linear) and m.own_kernel for m in linears)
+        expected = own_kernels.int8_linear(step[0], layer.weight_int8, layer.scales)
+    eager = layer(step)
+    assert torch.equal(eager, expected[None])
+    compiled = torch.compile(layer, fullgraph=True, options={"cpp_wrapper": True})
+    assert torch.equal(compiled(step), eager)
+
+
+def test_without_a_compiler_inference_falls_back_to_torchs_kernels_with_a_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("LLAMA_ADAPTER_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    unbuilt = functools.cache(kernels.decode_kernels_available.__wrapped__)
+    with caplog.at_level("WARNING", logger="llama_adapter.kernels"):
+        assert not unbuilt()
+    assert "could not be built" in caplog.text and "no-such-compiler" in caplog.text
+    monkeypatch.setattr(quantize, "decode_kernels_available", unbuilt)
+    assert isinstance(llama_adapter.load("tiny", quantize=None).model.output, torch.nn.Linear)
+    int8 = llama_adapter.load("tiny", quantize="int8").model.output
+    assert not int8.own_kernel
+    x = torch.randn(3, int8.in_features)
+    assert torch.equal(int8(x), torch._weight_int8pack_mm(x.bfloat16(), int8.weight_int8, int8.scales).float())
 
 
 def test_int8_prompt_tokens_use_the_bfloat16_copy_and_decode_steps_the_int8_kernel():
