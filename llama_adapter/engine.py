@@ -625,13 +625,18 @@ class Engine:
         """The row counts (powers of two below ``max_batch``, and ``max_batch``) at which a decode
         step gives each row bitwise the logits a full step gives it, on probe rows of different
         tokens and lengths. Kernels choose their order of summation by shape, not by values, so
-        one probe that agrees in every logit shows the same order. ``compile``: each count's
-        first step through ``model``'s (``torch.compile``-wrapped) decode step compiles it."""
+        one probe that agrees in every logit shows the same order. The probes' lengths differ and
+        reach past 64 positions: attention kernels block their work by length too (SDPA's CPU
+        kernel on two threads agreed on 2-4-token probes and differed on longer rows).
+        ``compile``: each count's first step through ``model``'s (``torch.compile``-wrapped)
+        decode step compiles it."""
         full = self.config.max_batch
+        config = self.model.config
         probes = []
         for row in range(full):
             cache = model.new_cache(1)
-            ids = [(row * 7 + i * 13) % self.model.config.vocab_size for i in range(2 + row % 3)]
+            length = min(2 + row * 37 % 80, config.max_seq_len // 2)
+            ids = [(row * 7 + i * 13) % config.vocab_size for i in range(length)]
             model(torch.tensor([ids], device=self.device), cache=cache)
             probes.append(cache)
 
