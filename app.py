@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import os
 
-# Before torch is imported: idle OpenMP threads sleep instead of spinning, which on a small shared
-# CPU otherwise starves the very threads doing the work.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch is imported. OpenMP workers spin this long for the next parallel region before they
+# sleep: a decode step runs hundreds of regions back to back, and waking sleeping workers for each
+# made a lone user's answer 3.3× slower (OMP_WAIT_POLICY=PASSIVE, which this replaces); libgomp's
+# default spins 3× longer, which under 20 users took CPU the other threads needed (README,
+# "Generation speed").
+os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle threads sleep on a shared CPU
+os.environ.setdefault("GOMP_SPINCOUNT", "100000")  # before torch, as app.py sets it
 
 import argparse  # noqa: E402
 import copy  # noqa: E402

@@ -27,9 +27,12 @@ import copy
 import ctypes
 import logging
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
+
+os.environ.setdefault("GOMP_SPINCOUNT", "100000")  # before torch, as app.py sets it
 
 import torch
 
