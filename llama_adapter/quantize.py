@@ -17,7 +17,27 @@ PROMPT_ROWS = 4
 :class:`Float32Linear`'s ``F.linear`` (fewer are faster through the decode kernels)."""
 
 
-class Int8Linear(nn.Module):
+def _prompt_rows(rows: torch.Tensor) -> bool:
+    """Whether ``rows`` are prompt tokens enough to take the many-row product."""
+    return rows.shape[0] >= PROMPT_ROWS and computes_prompt_tokens()
+
+
+class _RowsLinear(nn.Module):
+    """A CPU kernel linear computing on 2-D rows: inputs of any leading shape in, the same shape and
+    dtype out."""
+
+    in_features: int
+    out_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._product(x.reshape(-1, self.in_features))
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(_RowsLinear):
     """Weight-only int8 with one scale per output row, on CPU: ~2× less memory traffic per token
     than float32 weights. Decode steps multiply in the project's kernel
     (:mod:`llama_adapter.kernels`: float32 activations, each row summed alone, so bitwise the same in
@@ -39,21 +59,18 @@ class Int8Linear(nn.Module):
         self.prompt_linear = PackedLinear(self.dequantized().to(torch.bfloat16)) if prompt_copy else None
         self.own_kernel = decode_kernels_available()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if self.prompt_linear is not None and rows.shape[0] >= PROMPT_ROWS and computes_prompt_tokens():
-            y = self.prompt_linear(rows.to(torch.bfloat16))
-        elif self.own_kernel and x.dtype == torch.float32:
-            y = torch.ops.llama_adapter.int8_linear(rows.contiguous(), self.weight_int8, self.scales)
-        else:
-            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self.scales)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.prompt_linear is not None and _prompt_rows(rows):
+            return self.prompt_linear(rows.to(torch.bfloat16))
+        if self.own_kernel and rows.dtype == torch.float32:
+            return torch.ops.llama_adapter.int8_linear(rows.contiguous(), self.weight_int8, self.scales)
+        return torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self.scales)
 
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales.float()[:, None]
 
 
-class Float32Linear(nn.Module):
+class Float32Linear(_RowsLinear):
     """A float32 base linear for CPU inference whose decode products run in the project's kernel
     (:mod:`llama_adapter.kernels`), which reads the weights ~2.5× faster than MKL's one-row product
     here and gives each row bitwise the same result in any batch; prompt tokens
@@ -65,15 +82,13 @@ class Float32Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] >= PROMPT_ROWS and computes_prompt_tokens():
-            return F.linear(x, self.weight)
-        y = torch.ops.llama_adapter.float_linear(rows.contiguous(), self.weight)
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        if _prompt_rows(rows):
+            return F.linear(rows, self.weight)
+        return torch.ops.llama_adapter.float_linear(rows.contiguous(), self.weight)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_RowsLinear):
     """Weight-only 4-bit integers, asymmetric, one scale and offset per ``group`` input columns of
     each output row (the layout of ``torch._weight_int4pack_mm_for_cpu``, which computes with
     bfloat16 activations): w ≈ (q - 8) · scale + offset, q in 0..15. CPU only; half int8's bytes
@@ -103,10 +118,10 @@ class Int4Linear(nn.Module):
         pairs = torch.stack([scales.squeeze(-1), offsets.squeeze(-1)], dim=-1).transpose(0, 1)
         self.register_buffer("scales_and_offsets", pairs.contiguous().to(torch.bfloat16))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, self.scales_and_offsets)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+    def _product(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(
+            rows.to(torch.bfloat16), self.packed, self.group, self.scales_and_offsets
+        )
 
 
 class PackedLinear(nn.Module):
