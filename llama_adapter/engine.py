@@ -16,6 +16,13 @@ Continuous batching over ``max_batch`` slots, the rows of one :class:`SlotCache`
   prompt must give the same logits alone or among others): a decode step is mostly small ops that
   leave the second core idle, and with the two threads side by side the engine does ~1.7× the work
   per second it did prefilling and decoding in turn on both cores.
+- While a prompt is being prefilled, decode steps compute on one OpenMP thread (a second one
+  would spin on the prefill's core), and while every slot is taken, a step of fewer rows
+  than half the slots waits (at most :data:`PREFILL_HOLD_SECONDS`) for that prompt to join: a
+  step reads every weight whatever its rows, so under load fuller steps answer more requests per
+  second, and the engine's idle core goes to the prefill and the app (20 users on 2 cores, one
+  sitting: 411 → 524 answers in 2 minutes, ``benchmarks/load.py``). With a slot free nobody is
+  held up.
 - Prefilled, its keys and values (and its adapter prompts' keys and values: each row has its
   own visual prompt) are copied into its slot's row, and it joins the next decode step.
 - A step decodes the first rows of the slots, up to the highest busy one, rounded up to a *row
@@ -42,6 +49,7 @@ threads than cores, every small parallel op of a step would wait for its workers
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import ctypes
 import functools
@@ -53,6 +61,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Literal
 
 import torch
@@ -65,6 +74,10 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+PREFILL_HOLD_SECONDS = 0.1
+"""Under load, the longest a decode step of few rows waits for the prompt being prefilled
+(see the module docstring): about one prompt's prefill on the demo model's CPU path."""
 
 
 @dataclass(frozen=True)
@@ -341,6 +354,7 @@ class Engine:
         self._prefill_thread.start()
         on_one_thread.wait()
         torch.set_num_threads(threads)  # the default of threads yet to start, which the line above changed
+        self._threads = threads
         self._thread = threading.Thread(target=self._loop, name="llama-adapter-engine", daemon=True)
         self._thread.start()
         _engines.add(self)
@@ -457,7 +471,18 @@ class Engine:
         for request in self._rows:
             if request is not None and request.decoding and request.cancelled.is_set():
                 self._finish(request, "cancelled")
+        self._hold_for_prefill()
         self._decode_step()
+
+    def _hold_for_prefill(self) -> None:
+        """With every slot taken (the app's queue admits as many answers as there are slots, so a
+        full engine is a busy server), a step of fewer rows than half the slots first waits, at
+        most :data:`PREFILL_HOLD_SECONDS`, for the prompt being prefilled to join."""
+        decoding = sum(r is not None and r.decoding for r in self._rows)
+        with self._cond:
+            busy = self._waiting or None not in self._rows
+            if busy and self._to_prefill and 0 < decoding < self.config.max_batch // 2:
+                self._cond.wait_for(lambda: self._prefilled or self._closed, timeout=PREFILL_HOLD_SECONDS)
 
     def _drop_cancelled_waiting(self) -> None:
         for request in [r for r in self._waiting if r.cancelled.is_set()]:
@@ -543,7 +568,8 @@ class Engine:
         for r in decoding:
             tokens[r.slot, 0] = r.last_token
         try:
-            logits = decode_rows(self.model, self.slots, tokens.to(self.device))
+            with openmp_threads(1 if self._to_prefill else self._threads):
+                logits = decode_rows(self.model, self.slots, tokens.to(self.device))
         except Exception as e:  # a half-done step has written into every row: all of them end
             for r in decoding:
                 self._fail(r, e)
@@ -751,6 +777,43 @@ def _openmp_pause() -> Callable[[int], int] | None:
         return ctypes.CDLL(None).omp_pause_resource_all  # torch's OpenMP runtime, loaded with it
     except (AttributeError, OSError):
         return None
+
+
+@contextlib.contextmanager
+def openmp_threads(threads: int) -> Iterator[None]:
+    """Inside, the calling thread's torch ops compute on ``threads`` threads: its own OpenMP and MKL
+    settings, not the process default that ``torch.set_num_threads`` also changes and that threads
+    yet to start would take. A no-op where the runtimes lack the calls."""
+    setters = _thread_count_setters()
+    before = torch.get_num_threads()
+    if setters is None or threads == before:
+        yield
+        return
+    set_openmp, set_mkl = setters
+    set_openmp(threads)
+    mkl_before = set_mkl(threads) if set_mkl is not None else None
+    try:
+        yield
+    finally:
+        set_openmp(before)
+        if set_mkl is not None:
+            set_mkl(mkl_before)
+
+
+@functools.cache
+def _thread_count_setters() -> tuple[Callable[[int], None], Callable[[int], int] | None] | None:
+    """``omp_set_num_threads`` of torch's OpenMP runtime, and MKL's per-thread count from libtorch
+    (MKL's products, e.g. attention's, keep their own setting)."""
+    try:
+        set_openmp = ctypes.CDLL(None).omp_set_num_threads
+    except (AttributeError, OSError):
+        return None
+    try:
+        set_mkl = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Set_Num_Threads_Local
+        set_mkl.restype = ctypes.c_int
+    except (AttributeError, OSError):
+        set_mkl = None
+    return set_openmp, set_mkl
 
 
 def _powers_of_two_below(n: int) -> list[int]:

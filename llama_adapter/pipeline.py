@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from PIL import Image
 
-from .engine import Engine, EngineConfig, Request
+from .engine import Engine, EngineConfig, Request, openmp_threads
 from .errors import GenerationError, InputError
 from .generate import Sampling
 from .images import DEFAULT_MAX_PIXELS, ImageInput, image_to_tensor, open_image
@@ -145,7 +145,8 @@ class Pipeline:
             self.model.adapter_config.channel_order,
         )
         encoder_dtype = next(self.model.image_encoder.parameters()).dtype
-        with torch.inference_mode():
+        # While the engine computes, a second OpenMP thread here would spin on its cores.
+        with torch.inference_mode(), openmp_threads(1 if self.running else torch.get_num_threads()):
             return self.model.encode_image(pixels.unsqueeze(0).to(self.device, encoder_dtype), record=record)
 
     def _prompt_ids(self, prompt: Prompt, params: Sampling) -> tuple[list[int], Sampling]:

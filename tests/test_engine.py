@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 
 import llama_adapter
 from llama_adapter import EngineBusy
+from llama_adapter import engine as engine_module
 from llama_adapter.engine import Engine, EngineConfig, SlotCache
 from llama_adapter.generate import Sampling
 from llama_adapter.model import LlamaAdapter
@@ -114,15 +115,20 @@ def test_a_newcomers_prompt_is_prefilled_beside_the_decoding_without_holding_it_
     tiny_pipe, endless, engine, monkeypatch
 ):
     """The prefill thread computes a newcomer's prompt in chunks, on one OpenMP thread, while the
-    engine thread goes on decoding the others: held in the middle of its prompt, the newcomer
-    holds nobody up, and its answer is the one it gets alone."""
+    engine thread goes on decoding the others, on one thread too: held in the middle of its prompt,
+    the newcomer holds nobody up (nobody waits for a slot), and both answers are the ones they get
+    alone, the decoding one although its steps changed thread count under it."""
     eng = engine(endless, max_batch=2, prefill_chunk=8)
     long_prompt = tiny_pipe.encode(PROMPTS[3] * 2)
     assert len(long_prompt) > 3 * 8 and len(long_prompt) + 4 <= tiny_pipe.context_length
     alone = answer(eng, long_prompt, 4)
-    decoding = eng.submit(tiny_pipe.encode("Count to five."), Sampling(max_new_tokens=200))
+    count = tiny_pipe.encode("Count to five.")
+    count_alone = answer(eng, count, 200)
+    decoding = eng.submit(count, Sampling(max_new_tokens=200))
     wait_until(lambda: decoding.completion_tokens >= 3)
     chunks: list[tuple[str, int]] = []
+    steps: dict[str, list[int]] = {"prefilling": [], "after": []}
+    phase = ["before"]
     held, release = threading.Event(), threading.Event()
     real = tiny_pipe.model.forward
 
@@ -132,6 +138,10 @@ def test_a_newcomers_prompt_is_prefilled_beside_the_decoding_without_holding_it_
             if len(chunks) == 2:
                 held.set()
                 assert release.wait(60)
+        elif held.is_set() and not release.is_set():
+            steps["prefilling"].append(torch.get_num_threads())
+        elif phase[0] == "after":
+            steps["after"].append(torch.get_num_threads())
         return real(*args, cache=cache, **kwargs)
 
     monkeypatch.setattr(tiny_pipe.model, "forward", forward)
@@ -143,16 +153,77 @@ def test_a_newcomers_prompt_is_prefilled_beside_the_decoding_without_holding_it_
     finally:
         release.set()
     list(newcomer)
+    phase[0] = "after"
+    before = decoding.completion_tokens
+    wait_until(lambda: decoding.completion_tokens >= before + 3, seconds=60)
     decoding.close()
     assert newcomer.generated == alone and newcomer.finish_reason == "length"
     assert chunks == [("llama-adapter-prefill", 1)] * -(-len(long_prompt) // 8)
-    assert decoding.finish_reason == "cancelled"
+    assert decoding.finish_reason == "cancelled" and decoding.generated == count_alone[: len(decoding.generated)]
+    threads = min(2, os.cpu_count() or 1)
+    assert steps["prefilling"] and set(steps["prefilling"]) == {1}
+    assert steps["after"] and set(steps["after"]) == {threads}
     # The other threads keep their count, and threads started later get the process's default.
     counts: list[int] = []
     later = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
     later.start()
     later.join()
     assert torch.get_num_threads() == counts[0] == min(2, os.cpu_count() or 1)
+
+
+def test_openmp_threads_sets_the_calling_threads_count_only_and_restores_it():
+    """Inside, this thread computes on one thread; another thread, the process default (what
+    threads yet to start take) and, after, this thread's own count are untouched."""
+    default = torch.get_num_threads()
+    seen: dict[str, int] = {}
+
+    def elsewhere() -> None:
+        seen["other thread"] = torch.get_num_threads()
+
+    with engine_module.openmp_threads(1):
+        seen["inside"] = torch.get_num_threads()
+        assert torch.ones(1 << 20).add(1).sum().item() == 2 * (1 << 20)  # a parallel op runs
+        other = threading.Thread(target=elsewhere)
+        other.start()
+        other.join()
+    assert seen == {"inside": 1, "other thread": default}
+    assert torch.get_num_threads() == default
+
+
+def test_under_load_a_step_of_few_rows_waits_for_the_prompt_being_prefilled(tiny_pipe, endless, engine, monkeypatch):
+    """With requests queued for a slot, a step of fewer rows than half the slots waits for the
+    prompt being prefilled (here for as long as it takes: the hold is made long), then goes on;
+    every answer is still the one it gets alone."""
+    monkeypatch.setattr(engine_module, "PREFILL_HOLD_SECONDS", 60.0)
+    eng = engine(endless, max_batch=4)
+    prompts = [tiny_pipe.encode(p) for p in PROMPTS[:5]]
+    alone = [answer(eng, ids, 200 if i == 0 else 12) for i, ids in enumerate(prompts)]
+    first = eng.submit(prompts[0], Sampling(max_new_tokens=200))
+    wait_until(lambda: first.completion_tokens >= 2)
+    held, release = threading.Event(), threading.Event()
+    real = tiny_pipe.model.forward
+
+    def forward(*args: Any, cache=None, **kwargs: Any) -> Any:
+        if not isinstance(cache, SlotCache) and not held.is_set():  # the second request's prompt
+            held.set()
+            assert release.wait(60)
+        return real(*args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.model, "forward", forward)
+    others = [eng.submit(ids, Sampling(max_new_tokens=12)) for ids in prompts[1:]]  # the last waits for a slot
+    try:
+        assert held.wait(60)
+        wait_until(lambda: eng.active == 4)
+        before = first.completion_tokens
+        time.sleep(0.5)
+        assert first.completion_tokens <= before + 1  # a step already under way may end
+    finally:
+        release.set()
+    for r in others:
+        list(r)
+    first.close()
+    assert [r.generated for r in others] == alone[1:]
+    assert first.generated == alone[0][: len(first.generated)] and len(first.generated) > before
 
 
 def test_cancel_frees_the_slot_before_the_next_step(tiny_pipe, endless, engine):
