@@ -347,14 +347,9 @@ class Engine:
             self.slots = SlotCache(model, self.config.max_batch)
             self._warm_up()
         release_openmp_workers()
-        threads, on_one_thread = torch.get_num_threads(), threading.Event()
-        self._prefill_thread = threading.Thread(
-            target=self._prefill_loop, args=(on_one_thread,), name="llama-adapter-prefill", daemon=True
-        )
+        self._threads = torch.get_num_threads()
+        self._prefill_thread = threading.Thread(target=self._prefill_loop, name="llama-adapter-prefill", daemon=True)
         self._prefill_thread.start()
-        on_one_thread.wait()
-        torch.set_num_threads(threads)  # the default of threads yet to start, which the line above changed
-        self._threads = threads
         self._thread = threading.Thread(target=self._loop, name="llama-adapter-engine", daemon=True)
         self._thread.start()
         _engines.add(self)
@@ -519,11 +514,8 @@ class Engine:
 
     # -- the prefill thread ------------------------------------------------------------------------
 
-    def _prefill_loop(self, on_one_thread: threading.Event) -> None:
-        torch.get_num_threads()  # torch's per-thread set-up, now: at the first op it would take the default
-        torch.set_num_threads(1)  # OpenMP's and MKL's count for this thread (and the process's default)
-        on_one_thread.set()
-        with torch.inference_mode():
+    def _prefill_loop(self) -> None:
+        with torch.inference_mode(), openmp_threads(1):
             while True:
                 with self._cond:
                     while not (self._closed or self._to_prefill):
@@ -775,7 +767,7 @@ def release_openmp_workers() -> None:
 def _openmp_pause() -> Callable[[int], int] | None:
     try:
         return ctypes.CDLL(None).omp_pause_resource_all  # torch's OpenMP runtime, loaded with it
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):
         return None
 
 
@@ -806,12 +798,12 @@ def _thread_count_setters() -> tuple[Callable[[int], None], Callable[[int], int]
     (MKL's products, e.g. attention's, keep their own setting)."""
     try:
         set_openmp = ctypes.CDLL(None).omp_set_num_threads
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # TypeError: Windows has no CDLL(None)
         return None
     try:
         set_mkl = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Set_Num_Threads_Local
         set_mkl.restype = ctypes.c_int
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):
         set_mkl = None
     return set_openmp, set_mkl
 
