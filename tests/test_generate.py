@@ -315,17 +315,17 @@ def random_int8_product(generator: torch.Generator, outputs: int, width: int):
 @pytest.mark.parametrize("kind", ["float32", "int8"])
 @pytest.mark.parametrize("width", [576, 1536, 40, 7])  # the lanes' tail: 40 = 2×16 + 8, 7 < 16
 def test_the_decode_kernels_give_x_times_w_each_row_the_same_alone_or_among_others(own_kernels, kind, width):
-    """Against float64 x @ wᵀ (times the row scales for int8) computed here; 130 outputs: 32 tiles
-    of 4, enough for two threads, and a tail of 2; one to nine rows (the 4-row and 1-row passes);
+    """Against float64 x @ wᵀ (times the row scales for int8) computed here; 194 outputs: 32 tiles
+    of 6, enough for two threads, and a tail of 2; one to nine rows (the 4-, 2- and 1-row passes);
     every row bitwise the same in any batch and on one thread or two (the engine's batch invariance
     rests on it)."""
     generator = torch.Generator().manual_seed(width)
     if kind == "float32":
-        weight = torch.randn(130, width, generator=generator)
+        weight = torch.randn(194, width, generator=generator)
         args, dense = (weight,), weight.double()
         kernel = own_kernels.float_linear
     else:
-        args, dense = random_int8_product(generator, 130, width)
+        args, dense = random_int8_product(generator, 194, width)
         kernel = own_kernels.int8_linear
     x = torch.randn(9, width, generator=generator)
     full = kernel(x, *args)
