@@ -4,9 +4,11 @@ and :class:`ChatSession` (a conversation that keeps its KV cache). Models are bu
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -33,6 +35,9 @@ from .prompts import (
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+VISUAL_PROMPTS_KEPT = 32
+"""Visual prompts a :class:`Pipeline` keeps, by image (23 kB each for the demo model)."""
 
 
 @dataclass
@@ -64,6 +69,10 @@ class Pipeline:
     limits: Limits = field(default_factory=Limits)
     _engine: Engine | None = field(default=None, init=False, repr=False, compare=False)
     _engine_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    _visual_prompts: OrderedDict[str, torch.Tensor] = field(
+        default_factory=OrderedDict, init=False, repr=False, compare=False
+    )
+    _visual_prompts_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def max_image_pixels(self) -> int:
@@ -134,7 +143,8 @@ class Pipeline:
         return self.tokenizer.encode(text, bos=self.template == "alpaca")
 
     def visual_prompt(self, image: ImageInput | None, record: Recorder | None = None) -> torch.Tensor | None:
-        """The visual prompt of one image ([1, prompt_len, dim]), or ``None`` without an image."""
+        """The visual prompt of one image ([1, prompt_len, dim]), or ``None`` without an image. The
+        last :data:`VISUAL_PROMPTS_KEPT` are kept: a pipeline serves fixed weights."""
         if image is None:
             return None
         if not self.accepts_images:
@@ -144,10 +154,25 @@ class Pipeline:
             self.model.adapter_config.image_encoder,
             self.model.adapter_config.channel_order,
         )
+        # Kept by the encoder's input pixels: another question about the same image (an API client
+        # sends it again with every turn, a comparison asks twice) skips the encoder. A ``record``
+        # wants to see inside the visual blocks, so it always runs them.
+        key = hashlib.sha256(pixels.numpy().tobytes()).hexdigest() if record is None else None
+        with self._visual_prompts_lock:
+            kept = self._visual_prompts.get(key) if key else None
+            if kept is not None:
+                self._visual_prompts.move_to_end(key)
+                return kept
         encoder_dtype = next(self.model.image_encoder.parameters()).dtype
         # While the engine computes, a second OpenMP thread here would spin on its cores.
         with torch.inference_mode(), openmp_threads(1 if self.running else torch.get_num_threads()):
-            return self.model.encode_image(pixels.unsqueeze(0).to(self.device, encoder_dtype), record=record)
+            prompt = self.model.encode_image(pixels.unsqueeze(0).to(self.device, encoder_dtype), record=record)
+        if key:
+            with self._visual_prompts_lock:
+                self._visual_prompts[key] = prompt
+                while len(self._visual_prompts) > VISUAL_PROMPTS_KEPT:
+                    self._visual_prompts.popitem(last=False)
+        return prompt
 
     def _prompt_ids(self, prompt: Prompt, params: Sampling) -> tuple[list[int], Sampling]:
         ids = self.encode(self.render(prompt))

@@ -425,3 +425,58 @@ def test_describe_refuses_bad_input_in_plain_words(pipe, kw, sign, picture, tmp_
     assert sign.calls == 0
     with pytest.raises(KeyError, match="Unknown expert"):
         describe(pipe, picture, "What is it?", ["telepathy"], **kw)
+
+
+# -- Pipeline: visual prompts kept by image ------------------------------------------------------------
+
+
+class VisualRecord:
+    def __init__(self) -> None:
+        self.blocks = 0
+
+    def adapter_attention(self, layer_id: int, tokens: torch.Tensor, prompt: torch.Tensor) -> None:
+        pass
+
+    def visual_attention(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
+        self.blocks += 1
+
+
+def test_an_image_asked_about_again_is_not_encoded_again(monkeypatch, picture):
+    """Kept by pixels (another object, or the same picture as PNG bytes, hits), each image its own
+    prompt (the encoder's output computed here), the oldest dropped past the limit, and a record
+    always sees the visual blocks run."""
+    import io
+
+    from llama_adapter import pipeline as pipeline_module
+    from llama_adapter.images import image_to_tensor
+
+    pipe = llama_adapter.load(dtype="fp32")
+    encode = pipe.model.encode_image
+    calls = []
+    monkeypatch.setattr(pipe.model, "encode_image", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    first = pipe.visual_prompt(picture)
+    png = io.BytesIO()
+    picture.save(png, format="PNG")
+    assert torch.equal(pipe.visual_prompt(picture.copy()), first)
+    assert torch.equal(pipe.visual_prompt(png.getvalue()), first)
+    assert len(calls) == 1
+    acfg = pipe.model.adapter_config
+    with torch.inference_mode():
+        direct = encode(image_to_tensor(picture, acfg.image_encoder, acfg.channel_order).unsqueeze(0))
+    torch.testing.assert_close(first, direct, rtol=0, atol=1e-6)
+
+    others = []
+    for colour in ("blue", "green", "black"):
+        other = picture.copy()
+        ImageDraw.Draw(other).ellipse((30, 20, 60, 45), fill=colour)
+        others.append(other)
+    monkeypatch.setattr(pipeline_module, "VISUAL_PROMPTS_KEPT", 2)
+    prompts = [pipe.visual_prompt(o) for o in others]
+    assert len(calls) == 4 and not any(torch.equal(p, first) for p in prompts)
+    assert torch.equal(pipe.visual_prompt(others[2]), prompts[2]) and len(calls) == 4
+    pipe.visual_prompt(picture)  # dropped: the two newest are kept
+    assert len(calls) == 5
+
+    record = VisualRecord()
+    pipe.visual_prompt(picture, record=record)
+    assert len(calls) == 6 and record.blocks == len(pipe.model.visual_blocks)
