@@ -758,16 +758,17 @@ def release_openmp_workers() -> None:
     half speed as soon as the thread that loaded the model had run any torch op. So every thread
     but the engine's gives its workers back before the engine computes; the next torch op in that
     thread makes a new team. A no-op where the OpenMP runtime has no ``omp_pause_resource_all``."""
-    pause = _openmp_pause()
+    pause = _openmp_call("omp_pause_resource_all")
     if pause is not None:
         pause(1)  # omp_pause_soft: the calling thread's idle workers end
 
 
 @functools.cache
-def _openmp_pause() -> Callable[[int], int] | None:
+def _openmp_call(name: str) -> Callable | None:
+    """``name`` of torch's OpenMP runtime (loaded with it), or None where it has no such call."""
     try:
-        return ctypes.CDLL(None).omp_pause_resource_all  # torch's OpenMP runtime, loaded with it
-    except (AttributeError, OSError, TypeError):
+        return getattr(ctypes.CDLL(None), name)
+    except (AttributeError, OSError, TypeError):  # TypeError: Windows has no CDLL(None)
         return None
 
 
@@ -796,9 +797,8 @@ def openmp_threads(threads: int) -> Iterator[None]:
 def _thread_count_setters() -> tuple[Callable[[int], None], Callable[[int], int] | None] | None:
     """``omp_set_num_threads`` of torch's OpenMP runtime, and MKL's per-thread count from libtorch
     (MKL's products, e.g. attention's, keep their own setting)."""
-    try:
-        set_openmp = ctypes.CDLL(None).omp_set_num_threads
-    except (AttributeError, OSError, TypeError):  # TypeError: Windows has no CDLL(None)
+    set_openmp = _openmp_call("omp_set_num_threads")
+    if set_openmp is None:
         return None
     try:
         set_mkl = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Set_Num_Threads_Local
