@@ -32,6 +32,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
 import socket  # noqa: E402
+import ssl  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -280,14 +281,20 @@ def run_load(
     report = Report(users, seconds)
     count = token_counter(tokenizer)
 
+    # gradio_client opens a new httpx client, and so builds a TLS context from the CA bundle (~20 ms
+    # of CPU), for every call, even to http://; on a machine the load generator shares with the server
+    # that CPU is taken from the server. One context, made here, serves every call (httpx takes an
+    # SSLContext wherever gradio_client passes ``ssl_verify``).
+    tls = ssl.create_default_context()
+
     def connect(api: bool) -> Any:
         if api:
             import openai
 
             return openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=600)
-        return Client(url, verbose=False)
+        return Client(url, verbose=False, ssl_verify=tls)
 
-    first = Client(url, verbose=False)
+    first = connect(False)
     # Models load on first use, and OCR runs once per image (then its text is cached): both are done
     # here, untimed, so that the window measures the steady state.
     for kind, weight in zip(GRADIO_KINDS, mix):
