@@ -23,9 +23,16 @@ Continuous batching over ``max_batch`` slots, the rows of one :class:`SlotCache`
   second, and the engine's idle core goes to the prefill and the app (20 users on 2 cores, one
   sitting: 411 → 524 answers in 2 minutes, ``benchmarks/load.py``). With a slot free nobody is
   held up.
+- A fresh conversation's opening (``prefix`` of :meth:`Engine.submit`: the system prompt and the
+  template's first tokens, which the pipeline finds) is prefilled on its own, and its keys and
+  values are kept, the last :data:`PREFIXES_KEPT`, by its tokens and visual prompt (an image
+  prompts every layer of the demo model, so the opening's keys depend on it): the next prompt
+  that opens alike copies them and prefills only the rest. It is prefilled on its own even when
+  nothing is kept yet, so that a prompt's logits never depend on what came before it.
 - Prefilled, its keys and values (and its adapter prompts' keys and values: each row has its
-  own visual prompt) are copied into its slot's row, and it joins the next decode step.
-- A step decodes the first rows of the slots, up to the highest busy one, rounded up to a *row
+  own visual prompt) are copied into the lowest row not decoding, and it joins the next decode
+  step. When a request leaves below others, the highest decoding row moves down into its row.
+- A step decodes the first rows of the slots, up to the highest decoding one, rounded up to a *row
   count* (1, 2, 4, … ``max_batch``) that keeps answers batch-invariant: matmul kernels pick
   their blocking by the number of rows, so a row's logits may change in the last bits with it.
   At start the engine decodes the same probe rows at every count and keeps the counts whose
@@ -59,7 +66,7 @@ import queue
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -74,6 +81,9 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+PREFIXES_KEPT = 8
+"""Shared prompt openings whose keys and values the engine keeps (~3 MB each for the demo model)."""
 
 PREFILL_HOLD_SECONDS = 0.1
 """Under load, the longest a decode step of few rows waits for the prompt being prefilled
@@ -143,6 +153,21 @@ class SlotCache(KVCache):
         cache.key_valid[0, :n] = True
         cache.length = n
         cache.next_position[0] = n
+
+    def move(self, source: int, target: int) -> None:
+        """Move ``source``'s sequence into the free row ``target``, which decodes it from now on;
+        ``source`` is freed."""
+        n = int(self.next_position[source])
+        for store in (self.keys, self.values):
+            for buffer in store:
+                buffer[target, :, :n] = buffer[source, :, :n]
+        self.key_valid[target] = self.key_valid[source]
+        for kv in self.prompt_kv:
+            for tensor in kv or ():
+                tensor[target] = tensor[source]
+        self.next_position[target] = n
+        self.active[target] = 1
+        self.release(source)
 
     def release(self, row: int) -> None:
         """Free ``row``. When the longest rows have left, the buffers shrink back: every step reads
@@ -228,6 +253,8 @@ class Request:
         self.generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
         self.history = torch.tensor([ids], device=device) if params.repetition_penalty != 1.0 else None
         self.prefilled = 0
+        self.prefix = 0
+        """Of ``ids``, the shared opening prefilled on its own (see :meth:`Engine.submit`)."""
         self.decoding = False
         """Prefilled and in its slot's row: it takes part in decode steps."""
         self.slot: int | None = None
@@ -334,6 +361,9 @@ class Engine:
         """Requests holding a slot whose prompt the prefill thread computes (in this order)."""
         self._prefilled: deque[tuple[Request, torch.Tensor | BaseException | None]] = deque()
         """Back from the prefill thread: the last position's logits, the failure, or None if cancelled."""
+        self._prefixes: OrderedDict[tuple[tuple[int, ...], int], tuple[torch.Tensor | None, KVCache]] = OrderedDict()
+        """The prefill thread's kept prefixes: (tokens, id of the visual prompt) → (that visual
+        prompt, held so that its id stays its own, and the prefix's cache), least recent first."""
         self._running = 0
         self._closed = False
         self._cond = threading.Condition()
@@ -372,13 +402,19 @@ class Engine:
         visual_prompt: torch.Tensor | None = None,
         cache: KVCache | None = None,
         cancel: threading.Event | None = None,
+        prefix: int = 0,
     ) -> Request:
         """Queue a generation from prompt token ``ids`` (continuing a batch-1 ``cache`` that holds
-        the conversation so far, if given; the engine writes the finished turn back into it)."""
+        the conversation so far, if given; the engine writes the finished turn back into it).
+        ``prefix``: the first tokens of a fresh conversation that others share (a system prompt and
+        the template's opening); they are prefilled on their own, and their keys and values are
+        kept for the next prompt that opens with them and the same visual prompt."""
         release_openmp_workers()  # this thread may have encoded the image; the engine thread computes now
         if not ids:
             raise InputError("The prompt has no tokens.")
         past = cache.length if cache is not None else 0
+        if not 0 <= prefix < len(ids) or (prefix and past):
+            raise ValueError(f"a prefix of {prefix} tokens for a prompt of {len(ids)} after {past} cached")
         longest = past + len(ids) + params.max_new_tokens - 1
         if longest > self.model.config.max_seq_len:
             raise InputError(
@@ -387,6 +423,7 @@ class Engine:
             )
         stream = TextStream(self.tokenizer, params.stop)
         request = Request(ids, params, visual_prompt, cache, cancel, stream, self.device, self._wake)
+        request.prefix = prefix
         with self._cond:
             if self._closed:
                 raise GenerationError("The engine has been closed.")
@@ -506,11 +543,33 @@ class Engine:
             self._fail(request, outcome)
             return
         try:
+            # Into the lowest row not decoding: the slot of another prompt still prefilling holds no data yet.
+            lowest = next(s for s, holder in enumerate(self._rows) if holder is None or not holder.decoding)
+            if lowest < request.slot:
+                self._swap_slots(lowest, request.slot)
             self.slots.load(request.slot, request.cache)
             request.decoding = True
             self._accept(request, self._sample(request, outcome))
         except Exception as e:
             self._fail(request, e)
+
+    def _swap_slots(self, a: int, b: int) -> None:
+        self._rows[a], self._rows[b] = self._rows[b], self._rows[a]
+        for slot in (a, b):
+            if self._rows[slot] is not None:
+                self._rows[slot].slot = slot
+
+    def _pack_rows(self) -> None:
+        """Move the highest decoding rows down into lower rows not decoding (free, or held by a
+        prompt still prefilling), so that a step's rows, which run up to the highest decoding one,
+        are few when few decode."""
+        while True:
+            idle = [s for s, holder in enumerate(self._rows) if holder is None or not holder.decoding]
+            decoding = [s for s, holder in enumerate(self._rows) if holder is not None and holder.decoding]
+            if not idle or not decoding or idle[0] > decoding[-1]:
+                return
+            self.slots.move(decoding[-1], idle[0])
+            self._swap_slots(decoding[-1], idle[0])
 
     # -- the prefill thread ------------------------------------------------------------------------
 
@@ -530,28 +589,52 @@ class Engine:
                     self._cond.notify_all()
 
     def _prefill(self, request: Request) -> torch.Tensor | BaseException | None:
-        """``request``'s prompt into its own cache, a chunk at a time: the last position's logits,
-        or the failure (out of memory, a device error: this request ends, the others go on), or
-        None if it was cancelled (or the engine closed) on the way."""
-        logits = None
+        """``request``'s prompt into its own cache: its shared opening (kept, or computed and
+        kept), then the rest a chunk at a time. Returns the last position's logits, or the failure
+        (out of memory, a device error: this request ends, the others go on), or None if it was
+        cancelled (or the engine closed) on the way. The opening is computed on its own even when
+        it is not kept yet, so that a prompt's logits are the same whether it was or not."""
         try:
-            while request.prefilled < len(request.ids):
-                if request.cancelled.is_set() or self._closed:
-                    return None
-                chunk = request.ids[request.prefilled : request.prefilled + self.config.prefill_chunk]
-                x = torch.tensor([chunk], device=self.device)
-                # Prompt tokens even when a chunk is one token: the compiled step is the engine thread's
-                # (called from here, on one OpenMP thread, it would fail its guards and compile anew).
-                with computing_prompt_tokens():
-                    logits = self.model(x, visual_prompt=request.visual_prompt, cache=request.cache, last_only=True)
-                request.prefilled += len(chunk)
+            if request.prefix and not request.prefilled:
+                key = (tuple(request.ids[: request.prefix]), id(request.visual_prompt))
+                kept = self._prefixes.get(key)
+                if kept is not None and kept[0] is request.visual_prompt:
+                    self._prefixes.move_to_end(key)
+                    kept[1].copy_into(request.cache)
+                    request.prefilled = request.prefix
+                else:
+                    if self._prefill_until(request, request.prefix) is None:
+                        return None
+                    snapshot = self.model.new_cache(1)
+                    request.cache.copy_into(snapshot)
+                    self._prefixes[key] = (request.visual_prompt, snapshot)
+                    while len(self._prefixes) > PREFIXES_KEPT:
+                        self._prefixes.popitem(last=False)
+            logits = self._prefill_until(request, len(request.ids))
         except Exception as e:
             return e
-        return logits[:, -1]
+        return None if logits is None else logits[:, -1]
+
+    def _prefill_until(self, request: Request, end: int) -> torch.Tensor | None:
+        """Prefill ``request``'s tokens up to ``end``, a chunk at a time: the last chunk's logits, or
+        None if it was cancelled (or the engine closed) on the way."""
+        logits = None
+        while request.prefilled < end:
+            if request.cancelled.is_set() or self._closed:
+                return None
+            chunk = request.ids[request.prefilled : min(end, request.prefilled + self.config.prefill_chunk)]
+            x = torch.tensor([chunk], device=self.device)
+            # Prompt tokens even when a chunk is one token: the compiled step is the engine thread's
+            # (called from here, on one OpenMP thread, it would fail its guards and compile anew).
+            with computing_prompt_tokens():
+                logits = self.model(x, visual_prompt=request.visual_prompt, cache=request.cache, last_only=True)
+            request.prefilled += len(chunk)
+        return logits
 
     # -- the engine thread, again ------------------------------------------------------------------
 
     def _decode_step(self) -> None:
+        self._pack_rows()
         decoding = [r for r in self._rows if r is not None and r.decoding]
         if not decoding:
             return

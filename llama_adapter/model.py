@@ -271,6 +271,20 @@ class KVCache:
             mark_dynamic(buffer, 2)
         mark_dynamic(self.key_valid, 1)
 
+    def copy_into(self, target: KVCache) -> None:
+        """Make the empty batch-1 ``target`` hold this batch-1 cache's tokens (and share its
+        adapter prompts' keys and values, which nobody writes into once computed)."""
+        n = self.length
+        target.reserve(n)
+        for store, source in ((target.keys, self.keys), (target.values, self.values)):
+            for dst, src in zip(store, source):
+                dst[:, :, :n] = src[:, :, :n]
+        target.key_valid[:, :n] = self.key_valid[:, :n]
+        target.next_position = self.next_position.clone()
+        target.length = n
+        target.prompt_kv = list(self.prompt_kv)
+        target.prompts_ready = self.prompts_ready
+
     def truncate(self, length: int) -> None:
         """Forget everything after the first ``length`` tokens (to reuse a shared prefix)."""
         if length > self.length:

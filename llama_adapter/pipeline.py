@@ -73,6 +73,9 @@ class Pipeline:
         default_factory=OrderedDict, init=False, repr=False, compare=False
     )
     _visual_prompts_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    _openings: OrderedDict[tuple[str, ...], list[int]] = field(
+        default_factory=OrderedDict, init=False, repr=False, compare=False
+    )
 
     @property
     def max_image_pixels(self) -> int:
@@ -174,9 +177,33 @@ class Pipeline:
                     self._visual_prompts.popitem(last=False)
         return prompt
 
-    def _prompt_ids(self, prompt: Prompt, params: Sampling) -> tuple[list[int], Sampling]:
+    def shared_opening(self, prompt: Prompt, ids: list[int]) -> int:
+        """How many of ``ids`` (``prompt``'s tokens) come before its first user message's text:
+        the system prompt and the template's opening, the same for every fresh conversation with
+        that system prompt. The engine prefills them on their own and keeps their keys and values
+        (``prefix`` of :meth:`Engine.submit`)."""
+        system = [m for m in with_system(as_messages(prompt), self.system_prompt) if m["role"] == "system"]
+        key = tuple(m["content"] for m in system)
+        with self._visual_prompts_lock:
+            opening = self._openings.get(key)
+        if opening is None:
+            # The tokens two conversations differing only in their user's text share.
+            a, b = (
+                self.encode(render_checked([*system, {"role": "user", "content": text}], self.template, self.tokenizer))
+                for text in ("a", "b")
+            )
+            opening = a[: _common_prefix(a, b)]
+            with self._visual_prompts_lock:
+                self._openings[key] = opening
+                while len(self._openings) > VISUAL_PROMPTS_KEPT:
+                    self._openings.popitem(last=False)
+        return min(_common_prefix(ids, opening), len(ids) - 1)
+
+    def _prompt_ids(self, prompt: Prompt, params: Sampling) -> tuple[list[int], int, Sampling]:
+        """``prompt``'s tokens, how many of them open it as they open others (see
+        :meth:`shared_opening`), and ``params`` fitted to the context."""
         ids = self.encode(self.render(prompt))
-        return ids, self.fit_to_context(len(ids), params)
+        return ids, self.shared_opening(prompt, ids), self.fit_to_context(len(ids), params)
 
     def fit_to_context(self, n_prompt: int, params: Sampling) -> Sampling:
         """Refuse a prompt of ``n_prompt`` tokens that fills the context; otherwise ``params`` with
@@ -211,8 +238,8 @@ class Pipeline:
         iterate it for the text pieces; it also tells the finish reason and the token counts. Bad
         input raises :class:`InputError` here, a full queue :class:`~llama_adapter.errors.EngineBusy`."""
         params = self.sampling_params(**sampling)
-        ids, params = self._prompt_ids(prompt, params)
-        return self.engine.submit(ids, params, visual_prompt=self.visual_prompt(image), cancel=cancel)
+        ids, opening, params = self._prompt_ids(prompt, params)
+        return self.engine.submit(ids, params, visual_prompt=self.visual_prompt(image), cancel=cancel, prefix=opening)
 
     def stream(
         self, prompt: Prompt, image: ImageInput | None = None, *, cancel: threading.Event | None = None, **sampling: Any
@@ -240,8 +267,8 @@ class Pipeline:
         try:
             while pending or running:
                 while pending and len(running) < self.engine.config.max_batch:
-                    i, ((ids, fitted), visual) = pending.pop(0)
-                    running.append((i, self.engine.submit(ids, fitted, visual_prompt=visual)))
+                    i, ((ids, opening, fitted), visual) = pending.pop(0)
+                    running.append((i, self.engine.submit(ids, fitted, visual_prompt=visual, prefix=opening)))
                 i, request = running.pop(0)
                 answers[i] = "".join(request)
         finally:
@@ -446,8 +473,9 @@ class ChatSession:
         self.cache.truncate(reuse)
         # The engine continues this conversation's cache and writes the finished turn back into it.
         # A refusal (a full queue) leaves the conversation as it was.
+        opening = self.pipeline.shared_opening([*self.messages, user], ids) if reuse == 0 else 0
         request = self.pipeline.engine.submit(
-            ids[reuse:], params, visual_prompt=visual, cache=self.cache, cancel=cancel
+            ids[reuse:], params, visual_prompt=visual, cache=self.cache, cancel=cancel, prefix=opening
         )
         self.last_prefill_tokens = len(ids) - reuse
         if dropped:

@@ -95,6 +95,43 @@ def test_requests_joining_mid_way_decode_as_transformers_does_alone(tiny_pipe, e
     assert eng.running == 0 and eng.active == 0
 
 
+def prefill_lengths(model, monkeypatch) -> list[int]:
+    """The tokens of every prefill forward pass ``model`` takes from now on."""
+    lengths: list[int] = []
+    real = model.forward
+
+    def forward(input_ids: torch.Tensor, *args: Any, cache=None, **kwargs: Any) -> Any:
+        if not isinstance(cache, SlotCache):
+            lengths.append(input_ids.shape[1])
+        return real(input_ids, *args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    return lengths
+
+
+def test_prompts_opening_alike_prefill_the_opening_once_and_decode_as_transformers_does(tiny_pipe, engine, monkeypatch):
+    """Prompts that open with the same template text: the first prefills its opening on its own
+    and the engine keeps it, the next ones prefill only what follows. Every answer is
+    transformers' greedy answer to the whole prompt."""
+    hf = random_hf_model("tiny")
+    eng = engine(max_batch=2)
+    prompts = PROMPTS[:3]
+    rows = [tiny_pipe.encode(tiny_pipe.render(p)) for p in prompts]
+    openings = {tiny_pipe.shared_opening(p, ids) for p, ids in zip(prompts, rows)}
+    assert len(openings) == 1
+    opening = openings.pop()
+    assert 10 < opening < min(len(ids) for ids in rows)
+    lengths = prefill_lengths(tiny_pipe.model, monkeypatch)
+    answers = []
+    for ids in rows:
+        request = eng.submit(ids, Sampling(max_new_tokens=16), prefix=opening)
+        list(request)
+        answers.append(request.generated)
+    eos = tiny_pipe.tokenizer.eos_id
+    assert answers == [transformers_greedy(hf, ids, 16, eos) for ids in rows]
+    assert lengths == [opening, *(len(ids) - opening for ids in rows)]
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny_pipe, engine):
     eng = engine(max_batch=4)
     rows = [tiny_pipe.encode(tiny_pipe.render(p)) for p in PROMPTS[:4]]
@@ -283,6 +320,88 @@ def test_each_row_sees_its_own_image():
     together = pipe.generate_batch([question] * 3, images, max_new_tokens=6)
     assert together == alone
     assert len(set(alone)) > 1, alone  # the rows really saw different images
+
+
+def test_a_row_left_alone_high_moves_down_and_its_logits_stay_those_it_gets_alone(monkeypatch):
+    """Four image questions decode in four rows; when the three below the last leave, its row
+    moves down to the first (its keys, values and its own image's prompt keys and values with it)
+    and the steps compute the fewest rows, not the four up to it. Every logit it is sampled from
+    is bitwise the one it gets alone."""
+    from test_image_chat import visual_pipeline
+
+    pipe = visual_pipeline()
+    ids = pipe.encode(pipe.render("What color is the shape? Answer with one word."))
+    visuals = []
+    for colour in ("red", "blue", "green", "yellow"):
+        img = Image.new("RGB", (96, 96), "white")
+        ImageDraw.Draw(img).ellipse((16, 16, 80, 80), fill=colour)
+        visuals.append(pipe.visual_prompt(img))
+    seen: list[torch.Tensor] = []
+    real_sample = Engine._sample
+
+    def sample(self: Engine, request, logits: torch.Tensor) -> int:
+        if request.params.max_new_tokens == 30:
+            seen.append(logits.clone())
+        return real_sample(self, request, logits)
+
+    monkeypatch.setattr(Engine, "_sample", sample)
+    engine = Engine(pipe.model, without_end_tokens(pipe.tokenizer), EngineConfig(max_batch=4))
+    try:
+        list(engine.submit(ids, Sampling(max_new_tokens=30), visual_prompt=visuals[3]))
+        alone, seen = seen, []
+        others = [engine.submit(ids, Sampling(max_new_tokens=200), visual_prompt=v) for v in visuals[:3]]
+        last = engine.submit(ids, Sampling(max_new_tokens=30), visual_prompt=visuals[3])
+        wait_until(lambda: last.completion_tokens >= 2)
+        assert last.slot == 3 and all(r.decoding for r in others)
+        rows = step_rows(pipe.model, monkeypatch)
+        for r in others:
+            r.close()
+        list(last)
+    finally:
+        engine.close()
+    assert last.slot == 0 and rows[0] == 4 and rows[-1] == engine.row_counts[0] < 4
+    assert len(seen) == len(alone) == 30
+    differing = [i for i, (a, b) in enumerate(zip(alone, seen)) if not torch.equal(a, b)]
+    assert not differing, f"the logits differ from token {differing[0]}"
+
+
+def test_a_kept_opening_gives_the_logits_computed_anew_and_only_to_prompts_with_its_image(monkeypatch):
+    """The demo model's visual prompt enters every layer, so an opening's keys and values depend on
+    the image: a question about a red circle, asked again, reuses its opening and is sampled from
+    bitwise the logits of the first time; about a blue circle, the opening is computed anew."""
+    from test_image_chat import visual_pipeline
+
+    pipe = visual_pipeline()
+    question = "What color is the shape? Answer with one word."
+    ids = pipe.encode(pipe.render(question))
+    opening = pipe.shared_opening(question, ids)
+    assert 0 < opening < len(ids)
+    red, blue = (Image.new("RGB", (96, 96), "white") for _ in range(2))
+    for img, colour in ((red, "red"), (blue, "blue")):
+        ImageDraw.Draw(img).ellipse((16, 16, 80, 80), fill=colour)
+    seen: list[list[torch.Tensor]] = []
+    real_sample = Engine._sample
+
+    def sample(self: Engine, request, logits: torch.Tensor) -> int:
+        if not request.generated:
+            seen.append([])
+        seen[-1].append(logits.clone())
+        return real_sample(self, request, logits)
+
+    monkeypatch.setattr(Engine, "_sample", sample)
+    engine = Engine(pipe.model, without_end_tokens(pipe.tokenizer), EngineConfig(max_batch=2))
+    lengths = prefill_lengths(pipe.model, monkeypatch)
+    try:
+        for img in (red, red, blue, red):
+            list(engine.submit(ids, Sampling(max_new_tokens=8), visual_prompt=pipe.visual_prompt(img), prefix=opening))
+    finally:
+        engine.close()
+    rest = len(ids) - opening
+    assert lengths == [opening, rest, rest, opening, rest, rest]
+    first_red, red_again, first_blue, red_last = seen
+    for again in (red_again, red_last):
+        assert all(torch.equal(a, b) for a, b in zip(first_red, again, strict=True))
+    assert not torch.equal(first_red[0], first_blue[0])
 
 
 @pytest.fixture(scope="module")
