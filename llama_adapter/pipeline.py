@@ -38,6 +38,29 @@ log = logging.getLogger(__name__)
 
 VISUAL_PROMPTS_KEPT = 32
 """Visual prompts a :class:`Pipeline` keeps, by image (23 kB each for the demo model)."""
+OPENINGS_KEPT = 32
+"""Prompt openings (their tokens) a :class:`Pipeline` keeps, by system prompt."""
+
+
+class _Kept:
+    """The last values put, by key, shared between threads: least recently used first out."""
+
+    def __init__(self) -> None:
+        self._values: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            value = self._values.get(key)
+            if value is not None:
+                self._values.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any, keep: int) -> None:
+        with self._lock:
+            self._values[key] = value
+            while len(self._values) > keep:
+                self._values.popitem(last=False)
 
 
 @dataclass
@@ -69,13 +92,8 @@ class Pipeline:
     limits: Limits = field(default_factory=Limits)
     _engine: Engine | None = field(default=None, init=False, repr=False, compare=False)
     _engine_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
-    _visual_prompts: OrderedDict[str, torch.Tensor] = field(
-        default_factory=OrderedDict, init=False, repr=False, compare=False
-    )
-    _visual_prompts_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
-    _openings: OrderedDict[tuple[str, ...], list[int]] = field(
-        default_factory=OrderedDict, init=False, repr=False, compare=False
-    )
+    _visual_prompts: _Kept = field(default_factory=_Kept, init=False, repr=False, compare=False)
+    _openings: _Kept = field(default_factory=_Kept, init=False, repr=False, compare=False)
 
     @property
     def max_image_pixels(self) -> int:
@@ -161,20 +179,15 @@ class Pipeline:
         # sends it again with every turn, a comparison asks twice) skips the encoder. A ``record``
         # wants to see inside the visual blocks, so it always runs them.
         key = hashlib.sha256(pixels.numpy().tobytes()).hexdigest() if record is None else None
-        with self._visual_prompts_lock:
-            kept = self._visual_prompts.get(key) if key else None
-            if kept is not None:
-                self._visual_prompts.move_to_end(key)
-                return kept
+        kept = self._visual_prompts.get(key) if key else None
+        if kept is not None:
+            return kept
         encoder_dtype = next(self.model.image_encoder.parameters()).dtype
         # While the engine computes, a second OpenMP thread here would spin on its cores.
         with torch.inference_mode(), openmp_threads(1 if self.running else torch.get_num_threads()):
             prompt = self.model.encode_image(pixels.unsqueeze(0).to(self.device, encoder_dtype), record=record)
         if key:
-            with self._visual_prompts_lock:
-                self._visual_prompts[key] = prompt
-                while len(self._visual_prompts) > VISUAL_PROMPTS_KEPT:
-                    self._visual_prompts.popitem(last=False)
+            self._visual_prompts.put(key, prompt, VISUAL_PROMPTS_KEPT)
         return prompt
 
     def shared_opening(self, prompt: Prompt, ids: list[int]) -> int:
@@ -184,8 +197,7 @@ class Pipeline:
         (``prefix`` of :meth:`Engine.submit`)."""
         system = [m for m in with_system(as_messages(prompt), self.system_prompt) if m["role"] == "system"]
         key = tuple(m["content"] for m in system)
-        with self._visual_prompts_lock:
-            opening = self._openings.get(key)
+        opening = self._openings.get(key)
         if opening is None:
             # The tokens two conversations differing only in their user's text share.
             a, b = (
@@ -193,10 +205,7 @@ class Pipeline:
                 for text in ("a", "b")
             )
             opening = a[: _common_prefix(a, b)]
-            with self._visual_prompts_lock:
-                self._openings[key] = opening
-                while len(self._openings) > VISUAL_PROMPTS_KEPT:
-                    self._openings.popitem(last=False)
+            self._openings.put(key, opening, OPENINGS_KEPT)
         return min(_common_prefix(ids, opening), len(ids) - 1)
 
     def _prompt_ids(self, prompt: Prompt, params: Sampling) -> tuple[list[int], int, Sampling]:
