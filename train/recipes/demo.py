@@ -74,7 +74,7 @@ class Recipe:
     stage: str = "joint"
     lr: dict[str, float] = field(default_factory=lambda: {"pretrain": 1e-3, "finetune": 5e-4})
     caption_weight: float = 0.25
-    ocr_images: dict[str, int | None] = field(default_factory=lambda: {"train": 400, "heldout": 80})  # None: all
+    ocr_images: dict[str, int | None] = field(default_factory=lambda: {"train": 120, "heldout": 80})  # None: all
     eval_per_kind: int | None = 60  # held-out easy-VQA questions per answer kind (None: all)
     eval_ocr: int | None = 160  # held-out rendered-text questions (None: all)
     checkpoint_every: int = 100  # also the points of the accuracy-through-training curve
