@@ -69,7 +69,7 @@ import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
@@ -84,6 +84,29 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 PREFIXES_KEPT = 8
 """Shared prompt openings whose keys and values the engine keeps (~3 MB each for the demo model)."""
+
+
+class Kept:
+    """The last values put, by key, shared between threads: least recently used first out. How
+    many is read at each ``put``, so a module's setting (e.g. :data:`PREFIXES_KEPT`) applies as set."""
+
+    def __init__(self) -> None:
+        self._values: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            value = self._values.get(key)
+            if value is not None:
+                self._values.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any, keep: int) -> None:
+        with self._lock:
+            self._values[key] = value
+            while len(self._values) > keep:
+                self._values.popitem(last=False)
+
 
 PREFILL_HOLD_SECONDS = 0.1
 """Under load, the longest a decode step of few rows waits for the prompt being prefilled
@@ -361,7 +384,7 @@ class Engine:
         """Requests holding a slot whose prompt the prefill thread computes (in this order)."""
         self._prefilled: deque[tuple[Request, torch.Tensor | BaseException | None]] = deque()
         """Back from the prefill thread: the last position's logits, the failure, or None if cancelled."""
-        self._prefixes: OrderedDict[tuple[tuple[int, ...], int], tuple[torch.Tensor | None, KVCache]] = OrderedDict()
+        self._prefixes = Kept()
         """The prefill thread's kept prefixes: (tokens, id of the visual prompt) → (that visual
         prompt, held so that its id stays its own, and the prefix's cache), least recent first."""
         self._running = 0
@@ -599,7 +622,6 @@ class Engine:
                 key = (tuple(request.ids[: request.prefix]), id(request.visual_prompt))
                 kept = self._prefixes.get(key)
                 if kept is not None and kept[0] is request.visual_prompt:
-                    self._prefixes.move_to_end(key)
                     kept[1].copy_into(request.cache)
                     request.prefilled = request.prefix
                 else:
@@ -607,9 +629,7 @@ class Engine:
                         return None
                     snapshot = self.model.new_cache(1)
                     request.cache.copy_into(snapshot)
-                    self._prefixes[key] = (request.visual_prompt, snapshot)
-                    while len(self._prefixes) > PREFIXES_KEPT:
-                        self._prefixes.popitem(last=False)
+                    self._prefixes.put(key, (request.visual_prompt, snapshot), PREFIXES_KEPT)
             logits = self._prefill_until(request, len(request.ids))
         except Exception as e:
             return e

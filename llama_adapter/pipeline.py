@@ -8,14 +8,13 @@ import hashlib
 import logging
 import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
 
-from .engine import Engine, EngineConfig, Request, openmp_threads
+from .engine import Engine, EngineConfig, Kept, Request, openmp_threads
 from .errors import GenerationError, InputError
 from .generate import Sampling
 from .images import DEFAULT_MAX_PIXELS, ImageInput, image_to_tensor, open_image
@@ -40,27 +39,6 @@ VISUAL_PROMPTS_KEPT = 32
 """Visual prompts a :class:`Pipeline` keeps, by image (23 kB each for the demo model)."""
 OPENINGS_KEPT = 32
 """Prompt openings (their tokens) a :class:`Pipeline` keeps, by system prompt."""
-
-
-class _Kept:
-    """The last values put, by key, shared between threads: least recently used first out."""
-
-    def __init__(self) -> None:
-        self._values: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            value = self._values.get(key)
-            if value is not None:
-                self._values.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any, keep: int) -> None:
-        with self._lock:
-            self._values[key] = value
-            while len(self._values) > keep:
-                self._values.popitem(last=False)
 
 
 @dataclass
@@ -92,8 +70,8 @@ class Pipeline:
     limits: Limits = field(default_factory=Limits)
     _engine: Engine | None = field(default=None, init=False, repr=False, compare=False)
     _engine_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
-    _visual_prompts: _Kept = field(default_factory=_Kept, init=False, repr=False, compare=False)
-    _openings: _Kept = field(default_factory=_Kept, init=False, repr=False, compare=False)
+    _visual_prompts: Kept = field(default_factory=Kept, init=False, repr=False, compare=False)
+    _openings: Kept = field(default_factory=Kept, init=False, repr=False, compare=False)
 
     @property
     def max_image_pixels(self) -> int:
