@@ -63,6 +63,17 @@ def test_tables_show_the_json_numbers(metrics):
     assert "Ablations" not in block  # none given
 
 
+def test_the_own_caption_row_shows_its_numbers_and_only_when_measured(metrics):
+    assert "own caption" not in demo_report.readme_block(metrics, None)
+    metrics["easy_vqa"]["free_with_own_caption"] = result(0.9375, {"yes": 1.0, "no": 0.75, "shape": 1.0}, 0.875)
+    block = demo_report.readme_block(metrics, None)
+    assert (
+        "(the caption expert over the demo model) | 93.8 % | answer no 75.0 %; balanced yes/no 87.5 % | ≥ 90.0 % |"
+        in block
+    )
+    assert demo_report.headline(metrics)["own_caption_balanced_yes_no"] == 0.875
+
+
 def test_ablations_in_the_old_format_are_left_out(metrics):
     old = {"reference": {"easy_vqa": {"accuracy": 0.4}, "ocr": {}, "perplexity": 2.6}}
     assert not demo_report.is_current(old) and "Ablations" not in demo_report.readme_block(metrics, old)

@@ -109,6 +109,37 @@ def majority_scores(rows: list[dict[str, Any]], answer: str) -> dict[str, Any]:
     )
 
 
+def expert_context(expert: Any, text: str) -> str:
+    """The prompt text ``expert`` gives when it reads ``text``, exactly as the app writes it."""
+    from experts import ExpertReport, ExpertResult
+
+    return ExpertReport([ExpertResult(expert.name, expert.name, expert.context_label, "ok", text=text)]).context or ""
+
+
+def own_caption_context(caption: str) -> str:
+    """The prompt text of the model's own caption (:class:`experts.AdapterCaptioner` over it)."""
+    from experts import AdapterCaptioner
+
+    return expert_context(AdapterCaptioner, caption)
+
+
+def with_own_caption(pipe: llama_adapter.Pipeline, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with the caption ``pipe`` writes of each image (what :class:`experts.AdapterCaptioner`
+    over it answers) as the caption expert's text in the prompt."""
+    from experts import AdapterCaptioner
+
+    captioner = AdapterCaptioner(pipe)
+    images = sorted({r["image"] for r in rows})
+    written = pipe.generate_batch(
+        [captioner.instruction] * len(images),
+        images,
+        max_new_tokens=captioner.max_new_tokens,
+        temperature=0.0,
+    )
+    captions = {i: c.strip() for i, c in zip(images, written)}
+    return [{**r, "context": own_caption_context(captions[r["image"]])} for r in rows]
+
+
 def photo(name: str) -> Image.Image:
     """A scikit-image sample photo (shipped in the package: no download)."""
     from skimage import data
@@ -159,6 +190,7 @@ def evaluate(pipe: llama_adapter.Pipeline, heldout: HeldOut, *, photos: bool = T
         "easy_vqa": {
             "free": scores(evaluate_vqa(pipe, vqa, max_new_tokens=24)),
             "free_without_image": scores(evaluate_vqa(pipe, vqa, with_images=False, max_new_tokens=24)),
+            "free_with_own_caption": scores(evaluate_vqa(pipe, with_own_caption(pipe, vqa), max_new_tokens=24)),
             "majority": {"answer": heldout.majority, **majority_scores(vqa, heldout.majority)},
             "one_word": scores(evaluate_vqa(pipe, one_word, judge="exact", max_new_tokens=6)),
         },

@@ -40,6 +40,10 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
         "ocr_without": round(metrics["ocr"]["without_expert"]["accuracy"], 3),
         "perplexity": round(metrics["perplexity"], 3),
     }
+    if "free_with_own_caption" in vqa:
+        captioned = vqa["free_with_own_caption"]
+        out["own_caption"] = round(captioned["accuracy"], 3)
+        out["own_caption_balanced_yes_no"] = round(captioned.get("balanced_yes_no", float("nan")), 3)
     if "photos" in metrics:
         out["photos_named"] = metrics["photos"]["with_tagger"]["named_top_tag"]
     return out
@@ -72,6 +76,15 @@ def results_table(metrics: dict[str, Any]) -> str:
         f"majority {pct(majority.get('balanced_yes_no'))} | ≥ {pct(t['balanced'])} |",
         f'| easy-VQA, the same questions + "Answer with one word." (exact match) | {pct(vqa["one_word"]["accuracy"])} '
         "| | |",
+    ]
+    captioned = vqa.get("free_with_own_caption")
+    if captioned:
+        rows.append(
+            "| easy-VQA, the same questions with the model's own caption of the image in the prompt (the caption "
+            f"expert over the demo model) | {pct(captioned['accuracy'])} | answer no {pct(_kind(captioned, 'no'))}; "
+            f"balanced yes/no {pct(captioned.get('balanced_yes_no'))} | ≥ {pct(t['easy_vqa'])} |"
+        )
+    rows += [
         f"| rendered-text questions asked freely ({ocr['with_expert']['items']}) | with the OCR expert "
         f"{pct(ocr['with_expert']['accuracy'])} | without {pct(ocr['without_expert']['accuracy'])} "
         f"(target ≤ {pct(t['ocr_without_max'])}) | ≥ {pct(t['ocr_with'])} |",
@@ -198,6 +211,10 @@ def plot_experts(metrics: dict[str, Any], path: Path) -> None:
         [metrics["ocr"]["with_expert"]["accuracy"]],
         [metrics["ocr"]["without_expert"]["accuracy"]],
     )
+    if "free_with_own_caption" in metrics["easy_vqa"]:
+        labels.append("easy-VQA: own caption")
+        on.append(metrics["easy_vqa"]["free_with_own_caption"]["accuracy"])
+        off.append(metrics["easy_vqa"]["free"]["accuracy"])
     if "photos" in metrics:
         p = metrics["photos"]
         labels.append("photos: names the top tag")
