@@ -28,6 +28,7 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
@@ -41,13 +42,14 @@ from fastapi import APIRouter  # noqa: E402
 from gradio import FileData  # noqa: E402
 
 from experts import (  # noqa: E402
+    AdapterCaptioner,
     Comparison,
     MultimodalChat,
     Registry,
     Turn,
     compare,
-    default_registry,
     describe,
+    registry_for,
     run_experts,
 )
 from llama_adapter import LlamaAdapterError, Pipeline, Trace, pictures, serve  # noqa: E402
@@ -477,13 +479,17 @@ def load_examples(directory: Path) -> list[list[str]]:
 
 
 def expert_choices(registry: Registry) -> list[tuple[str, str]]:
-    """(label, kind) of the preferred expert of each kind, e.g. ("OCR (easyocr)", "ocr")."""
+    """(label, kind) of the preferred expert of each kind, e.g. ("OCR (easyocr)", "ocr"), then
+    (label, name) of the model's own caption when it is registered and not already the preferred."""
     choices = []
     for kind in ("ocr", "caption"):
         try:
             choices.append((registry.get(kind).label, kind))
         except KeyError:
             log.info("No %s expert registered", kind)
+    own = AdapterCaptioner.name
+    if own in registry.names() and registry.get(own) is not registry.get("caption"):
+        choices.append((registry.get(own).label, own))
     return choices
 
 
@@ -919,10 +925,11 @@ def build_demo(
     queue_size: int = QUEUE_SIZE,
     allowed_dirs: Sequence[Path] = (),
 ) -> gr.Blocks:
-    """The whole app around one loaded pipeline; ``registry`` chooses the experts (default: all installed).
+    """The whole app around one loaded pipeline; ``registry`` chooses the experts (default:
+    :func:`experts.registry_for` the pipeline).
     The pipeline's ``limits`` are the app's; ``queue_size`` requests may wait, more are turned away.
     Clients may name files in their uploads, the examples and ``allowed_dirs`` only (see :class:`UploadsOnly`)."""
-    registry = registry or default_registry()
+    registry = registry or registry_for(pipe)
     image_examples = load_examples(examples_dir)
     if image_examples:
         gr.set_static_paths([examples_dir])
@@ -1186,10 +1193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_batch,
         args.queue_size,
     )
-    # The same folders and URL rule for the /v1 door as for Gradio's.
-    api = serve.api_router(pipe, serve.api_config(args, experts=run_experts))
+    # The same folders and URL rule, and the same experts, for the /v1 door as for Gradio's.
+    registry = registry_for(pipe)
+    api = serve.api_router(pipe, serve.api_config(args, experts=functools.partial(run_experts, registry=registry)))
     launch(
-        build_demo(pipe, queue_size=args.queue_size, allowed_dirs=args.allow_local_dir),
+        build_demo(pipe, registry=registry, queue_size=args.queue_size, allowed_dirs=args.allow_local_dir),
         host=args.host,
         port=args.port,
         share=args.share,

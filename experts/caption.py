@@ -16,7 +16,7 @@ from PIL import Image
 
 from llama_adapter.weights import PINNED_FILES, download_pinned, pinned_path
 
-from .base import Availability, Expert
+from .base import Availability, Expert, Registry, default_registry
 
 if TYPE_CHECKING:
     from llama_adapter import Pipeline
@@ -346,3 +346,12 @@ class AdapterCaptioner(Expert):
             self.instruction, image=image, max_new_tokens=self.max_new_tokens, temperature=0.0
         )
         return answer.strip()
+
+
+def registry_for(pipeline: Pipeline) -> Registry:
+    """The installed experts (:func:`~experts.base.default_registry`) and, for a pipeline that sees
+    images, its own caption (an :class:`AdapterCaptioner` over it, named ``caption-adapter``): the
+    demo model answers yes/no questions right from the caption it writes, not from the image alone
+    (README, The demo model)."""
+    registry = default_registry()
+    return Registry([*registry, AdapterCaptioner(pipeline)]) if pipeline.accepts_images else registry

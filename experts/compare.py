@@ -20,6 +20,7 @@ from llama_adapter.errors import LlamaAdapterError
 from llama_adapter.images import ImageInput, open_image
 
 from .base import DEFAULT_CACHE, ExpertCache, ExpertReport, Registry, resolve_experts, run_experts
+from .caption import AdapterCaptioner, registry_for
 from .prompt import assemble
 
 if TYPE_CHECKING:
@@ -179,13 +180,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         picture = open_image(args.image)
         combos = args.experts or [",".join(c) for c in DEFAULT_COMBINATIONS]
-        resolve_experts(combos)
+        # A misspelt expert fails before the model loads; the model's own caption needs it loaded.
+        resolve_experts([n for c in combos for n in c.split(",") if n.strip() not in ("", AdapterCaptioner.name)])
         pipeline = load_from_arguments(args)
         result = compare(
             pipeline,
             args.question,
             picture,
             combos,
+            registry=registry_for(pipeline),
             seed=args.seed,
             timeout_s=args.timeout,
             max_new_tokens=args.max_new_tokens,

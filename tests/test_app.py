@@ -27,7 +27,16 @@ from test_image_chat import CIRCLE, TRIANGLE, visual_pipeline
 import app
 import llama_adapter.cli
 import llama_adapter.engine
-from experts import Availability, Expert, MultimodalChat, Registry, compare, default_registry, run_experts
+from experts import (
+    Availability,
+    Expert,
+    MultimodalChat,
+    Registry,
+    compare,
+    default_registry,
+    registry_for,
+    run_experts,
+)
 from llama_adapter import CheckpointError, Pipeline
 from llama_adapter import serve as openai_api
 from llama_adapter.engine import EngineConfig
@@ -542,3 +551,19 @@ def test_python_app_py_serves_the_default_model_offline(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+class SeesImages:
+    """A pipeline that takes images, as far as the experts ask."""
+
+    accepts_images = True
+    info = {"adapter": "/models/demo-adapter.safetensors", "base_fingerprint": "abc"}
+
+
+def test_a_model_that_sees_is_offered_its_own_caption_beside_the_preferred_experts(smol):
+    assert "caption-adapter" not in registry_for(smol).names()  # a text-only model writes no caption
+    registry = registry_for(SeesImages())  # type: ignore[arg-type]
+    offered = {value: label for label, value in app.expert_choices(registry)}
+    assert offered["caption-adapter"] == "LLaMA-Adapter caption (demo-adapter.safetensors)"
+    assert {"ocr", "caption"} <= set(offered) and registry.get("caption").name != "caption-adapter"
+    assert "caption-adapter" not in default_registry().names()  # the process-wide registry is left as it was

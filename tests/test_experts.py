@@ -33,6 +33,7 @@ from experts import (
 from experts import __main__ as experts_cli
 from experts.base import MAX_CONTEXT_CHARS
 from llama_adapter.errors import InputError
+from llama_adapter.images import open_image
 from llama_adapter.prompts import CONTEXT_BLOCK, format_alpaca
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -362,6 +363,13 @@ def test_adapter_captioner_asks_the_pipeline_with_the_official_caption_instructi
     assert prompt == "Generate caption of this image" and image is chelsea and sampling["temperature"] == 0
 
 
+def test_the_recipe_trains_on_the_model_s_own_caption_as_the_app_puts_it_in_the_prompt(chelsea):
+    from train.recipes.demo_eval import own_caption_context
+
+    report = run_experts(chelsea, [AdapterCaptioner(FakeVisualPipeline())], cache=None)  # type: ignore[arg-type]
+    assert own_caption_context("a cat lying on a blanket") == report.context
+
+
 def test_adapter_captioner_is_unavailable_on_a_text_only_model(smol):
     status = AdapterCaptioner(smol).availability()
     assert not status.available and "CAPTION-7B" in status.fix
@@ -502,6 +510,19 @@ def test_compare_cli_json_and_bad_input(tmp_path, capsys, monkeypatch, smol):
     assert [v["label"] for v in data["variants"]] == ["no experts", "ocr-easyocr"]
     assert compare_module.main([str(tmp_path / "missing.png"), "Hi"]) == 2
     assert capsys.readouterr().err.startswith("error: Image file not found")
+
+
+def test_compare_cli_offers_a_seeing_model_its_own_caption(capsys, monkeypatch):
+    from test_image_chat import CIRCLE, visual_pipeline
+
+    pipe = visual_pipeline()
+    monkeypatch.setattr("llama_adapter.cli.load", lambda *a, **k: pipe)
+    argv = [str(CIRCLE), "Is there a circle?", "--experts", "caption-adapter", "--max-new-tokens", "8", "--json"]
+    assert compare_module.main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [v["label"] for v in data["variants"]] == ["no experts", "caption-adapter"]
+    written = AdapterCaptioner(pipe).describe(open_image(CIRCLE))  # asked apart, the same caption
+    assert [e["text"] for e in data["experts"]] == [written] and written in data["variants"][1]["prompt"]
 
 
 def test_compare_cli_explains_each_answer(tmp_path, capsys, monkeypatch, smol):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from llama_adapter.images import open_image
 from llama_adapter.tiny import random_base
 from train import fit, setup
 from train.evaluate import (
@@ -214,3 +215,18 @@ def test_a_per_kind_sample_holds_as_many_yes_as_no():
     assert sorted(kinds) == ["colour"] * 5 + ["no"] * 5 + ["yes"] * 5
     assert sample == per_kind_sample(rows, 5, seed=1) and sample != per_kind_sample(rows, 5, seed=2)
     assert len(per_kind_sample(rows, 8)) == 8 + 6 + 8  # all six "no" rows: there are no more
+
+
+def test_own_caption_puts_the_caption_the_app_gets_in_each_prompt(easy_vqa, tmp_path):
+    from experts import AdapterCaptioner, run_experts
+    from llama_adapter.build import DEFAULT_ADAPTER
+
+    out = tmp_path / "preds.jsonl"
+    argv = ["vqa", "--adapter", str(DEFAULT_ADAPTER), "--data", str(easy_vqa), "--limit", "2", "--max-new-tokens", "4"]
+    main([*argv, "--own-caption", "--out", str(out)])
+    pipe = load_pipeline(None, str(DEFAULT_ADAPTER))
+    for row in map(json.loads, out.read_text().splitlines()):
+        app_context = run_experts(open_image(row["image"]), [AdapterCaptioner(pipe)], cache=None).context
+        assert app_context and row["context"] == app_context
+    with pytest.raises(SystemExit):
+        main([*argv, "--own-caption", "--no-image"])

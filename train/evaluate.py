@@ -237,6 +237,27 @@ def per_kind_sample(rows: list[dict[str, Any]], per_kind: int, seed: int = 0) ->
     return [row for kind in sorted(by_kind) for row in rng.sample(by_kind[kind], min(per_kind, len(by_kind[kind])))]
 
 
+def expert_context(expert: Any, text: str) -> str:
+    """The prompt text ``expert`` gives when it reads ``text``, exactly as the app writes it."""
+    from experts import ExpertReport, ExpertResult
+
+    return ExpertReport([ExpertResult(expert.name, expert.name, expert.context_label, "ok", text=text)]).context or ""
+
+
+def with_own_caption(pipe: Pipeline, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with the caption ``pipe`` writes of each image (what :class:`experts.AdapterCaptioner`
+    over it answers, greedy) as the caption expert's text in the prompt."""
+    from experts import AdapterCaptioner
+
+    captioner = AdapterCaptioner(pipe)
+    images = sorted({r["image"] for r in rows})
+    written = pipe.generate_batch(
+        [captioner.instruction] * len(images), images, max_new_tokens=captioner.max_new_tokens, temperature=0.0
+    )
+    contexts = {i: expert_context(captioner, c.strip()) for i, c in zip(images, written)}
+    return [{**r, "context": contexts[r["image"]]} for r in rows]
+
+
 def evaluate_vqa(
     pipe: Pipeline,
     rows: list[dict[str, Any]],
@@ -395,6 +416,11 @@ def main(argv: list[str] | None = None) -> None:
     vqa.add_argument("--prompt", default="{question}", help="prompt template around {question}")
     vqa.add_argument("--judge", choices=JUDGES, default="free", help="free: judged from the words (default); exact")
     vqa.add_argument("--no-image", action="store_true", help="ask without the images (the blind baseline)")
+    vqa.add_argument(
+        "--own-caption",
+        action="store_true",
+        help="the model's own caption of each image in the prompt (caption expert)",
+    )
     vqa.add_argument("--max-new-tokens", type=int, default=24)
     vqa.add_argument("--out", help="write every prediction to this JSONL file")
     ppl = commands.add_parser("perplexity", parents=[shared], help="perplexity on held-out instructions")
@@ -410,9 +436,12 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_pipeline(args.base, args.adapter, device=args.device, dtype=args.dtype)
     if args.command == "vqa":
         rows = read_vqa(args.data, args.limit)
+        rows = per_kind_sample(rows, args.per_kind, args.seed) if args.per_kind else rows
+        if args.own_caption and args.no_image:
+            parser.error("--own-caption captions the images: it needs them (drop --no-image)")
         result = evaluate_vqa(
             pipe,
-            per_kind_sample(rows, args.per_kind, args.seed) if args.per_kind else rows,
+            with_own_caption(pipe, rows) if args.own_caption else rows,
             prompt=args.prompt,
             judge=args.judge,
             with_images=not args.no_image,

@@ -45,7 +45,7 @@ from llama_adapter.images import open_image
 from llama_adapter.weights import read_adapter, save_adapter
 
 from ..checkpoint import ADAPTER_FILE, list_checkpoints
-from ..evaluate import evaluate_perplexity, names
+from ..evaluate import evaluate_perplexity, expert_context, names
 from ..trainer import run
 from . import demo_data, demo_eval, demo_report
 
@@ -182,7 +182,7 @@ def tag_context(tags: list[list[Any]]) -> str:
     from experts import ImageNetTagger
 
     tagger = ImageNetTagger()
-    return demo_eval.expert_context(tagger, tagger.format_tags([(label, p) for label, p in tags]))
+    return expert_context(tagger, tagger.format_tags([(label, p) for label, p in tags]))
 
 
 def training_captions(d: Path) -> dict[str, str]:

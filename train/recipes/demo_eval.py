@@ -32,7 +32,17 @@ from PIL import Image
 
 import llama_adapter
 
-from ..evaluate import ANSWER_SETS, accuracy_by_kind, answer_kind, evaluate_perplexity, evaluate_vqa, judge, names
+from ..evaluate import (
+    ANSWER_SETS,
+    accuracy_by_kind,
+    answer_kind,
+    evaluate_perplexity,
+    evaluate_vqa,
+    expert_context,
+    judge,
+    names,
+    with_own_caption,
+)
 from .demo_data.easyvqa import SHORT_SUFFIX
 
 PRECISION = "fp32"
@@ -109,35 +119,11 @@ def majority_scores(rows: list[dict[str, Any]], answer: str) -> dict[str, Any]:
     )
 
 
-def expert_context(expert: Any, text: str) -> str:
-    """The prompt text ``expert`` gives when it reads ``text``, exactly as the app writes it."""
-    from experts import ExpertReport, ExpertResult
-
-    return ExpertReport([ExpertResult(expert.name, expert.name, expert.context_label, "ok", text=text)]).context or ""
-
-
 def own_caption_context(caption: str) -> str:
     """The prompt text of the model's own caption (:class:`experts.AdapterCaptioner` over it)."""
     from experts import AdapterCaptioner
 
     return expert_context(AdapterCaptioner, caption)
-
-
-def with_own_caption(pipe: llama_adapter.Pipeline, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with the caption ``pipe`` writes of each image (what :class:`experts.AdapterCaptioner`
-    over it answers) as the caption expert's text in the prompt."""
-    from experts import AdapterCaptioner
-
-    captioner = AdapterCaptioner(pipe)
-    images = sorted({r["image"] for r in rows})
-    written = pipe.generate_batch(
-        [captioner.instruction] * len(images),
-        images,
-        max_new_tokens=captioner.max_new_tokens,
-        temperature=0.0,
-    )
-    captions = {i: c.strip() for i, c in zip(images, written)}
-    return [{**r, "context": own_caption_context(captions[r["image"]])} for r in rows]
 
 
 def photo(name: str) -> Image.Image:
