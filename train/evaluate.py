@@ -433,12 +433,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
 
+    if args.command == "vqa" and args.own_caption and args.no_image:
+        parser.error("--own-caption captions the images: it needs them (drop --no-image)")
     pipe = load_pipeline(args.base, args.adapter, device=args.device, dtype=args.dtype)
     if args.command == "vqa":
         rows = read_vqa(args.data, args.limit)
         rows = per_kind_sample(rows, args.per_kind, args.seed) if args.per_kind else rows
-        if args.own_caption and args.no_image:
-            parser.error("--own-caption captions the images: it needs them (drop --no-image)")
         result = evaluate_vqa(
             pipe,
             with_own_caption(pipe, rows) if args.own_caption else rows,
