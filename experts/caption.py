@@ -350,8 +350,6 @@ class AdapterCaptioner(Expert):
 
 def registry_for(pipeline: Pipeline) -> Registry:
     """The installed experts (:func:`~experts.base.default_registry`) and, for a pipeline that sees
-    images, its own caption (an :class:`AdapterCaptioner` over it, named ``caption-adapter``): the
-    demo model answers yes/no questions right from the caption it writes, not from the image alone
-    (README, The demo model)."""
+    images, its own caption (an :class:`AdapterCaptioner` over it, named ``caption-adapter``)."""
     registry = default_registry()
     return Registry([*registry, AdapterCaptioner(pipeline)]) if pipeline.accepts_images else registry

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import dataclasses
 import hashlib
 import json
@@ -75,7 +74,6 @@ class Recipe:
     stage: str = "joint"
     lr: dict[str, float] = field(default_factory=lambda: {"pretrain": 1e-3, "finetune": 5e-4})
     caption_weight: float = 0.25
-    own_caption_weight: float = 0.25  # easy-VQA yes/no with the model's own caption (4,432 rows)
     ocr_images: dict[str, int | None] = field(default_factory=lambda: {"train": 120, "heldout": 80})  # None: all
     eval_per_kind: int | None = 60  # held-out easy-VQA questions per answer kind (None: all)
     eval_ocr: int | None = 160  # held-out rendered-text questions (None: all)
@@ -185,15 +183,6 @@ def tag_context(tags: list[list[Any]]) -> str:
     return expert_context(tagger, tagger.format_tags([(label, p) for label, p in tags]))
 
 
-def training_captions(d: Path) -> dict[str, str]:
-    """The first training caption of each image (``captions_train.tsv``)."""
-    captions: dict[str, str] = {}
-    with open(d / "captions_train.tsv", newline="") as f:
-        for row in csv.DictReader(f, delimiter="\t"):
-            captions.setdefault(row["url"], row["caption"])
-    return captions
-
-
 def vqa_conversations(items: list[dict[str, Any]], turns: int, seed: int, root: Path) -> list[dict[str, Any]]:
     """easy-VQA questions grouped into conversations of up to ``turns`` questions about one image:
     an answer is one or a few tokens, so a step sees several per image for little more compute.
@@ -216,8 +205,8 @@ def vqa_conversations(items: list[dict[str, Any]], turns: int, seed: int, root: 
 
 def training_sources(recipe: Recipe, data: dict[str, Any]) -> list[dict[str, Any]]:
     """Captions, easy-VQA and pictures without tags train the visual side (pretrain group);
-    instructions, and the OCR, tagged-picture and easy-VQA yes/no questions answered from an
-    expert's text, train the language side (finetune group)."""
+    instructions, and the OCR and tagged-picture questions answered from the expert's text, train
+    the language side (finetune group)."""
     d = data["dir"]
     ocr_samples = [
         {
@@ -230,20 +219,6 @@ def training_sources(recipe: Recipe, data: dict[str, Any]) -> list[dict[str, Any
         # Answers are written from the text read: a question whose answer OCR missed would teach
         # the model to make one up.
         if names(data["contexts"][item["image"]], item["short_answer"])
-    ]
-    # The comparison a yes/no question needs is learnt from text in tens of steps, never from the
-    # visual prompt (README, the demo model): with the model's own caption in the prompt, as the
-    # caption expert puts it there, the language side answers from what the visual side wrote.
-    captions = training_captions(d)
-    captioned_yes_no = [
-        {
-            "image": str(d / item["image"]),
-            "instruction": item["conversations"][0]["value"],
-            "input": demo_eval.own_caption_context(captions[item["image"]]),
-            "output": item["conversations"][1]["value"],
-        }
-        for item in data["vqa_train"]
-        if item["kind"] in ("yes", "no") and item["image"] in captions
     ]
     photos = data["photos_train"]
     tagged = [
@@ -275,12 +250,6 @@ def training_sources(recipe: Recipe, data: dict[str, Any]) -> list[dict[str, Any
         },
         {"samples": untagged, "group": "pretrain", "weight": 1.0, "name": "pictures-without-tags"},
         {"samples": ocr_samples, "group": "finetune", "weight": 1.0, "name": "ocr-with-expert"},
-        {
-            "samples": captioned_yes_no,
-            "group": "finetune",
-            "weight": recipe.own_caption_weight,
-            "name": "easy-vqa-yes-no-with-own-caption",
-        },
         {"samples": tagged, "group": "finetune", "weight": 1.0, "name": "pictures-with-tags"},
         {"path": str(d / "instructions_train.json"), "group": "finetune", "weight": 1.0},
     ]

@@ -38,7 +38,6 @@ from ..evaluate import (
     answer_kind,
     evaluate_perplexity,
     evaluate_vqa,
-    expert_context,
     judge,
     names,
     with_own_caption,
@@ -117,13 +116,6 @@ def majority_scores(rows: list[dict[str, Any]], answer: str) -> dict[str, Any]:
     return accuracy_by_kind(
         [answer_kind(r["answers"][0]) for r in rows], [judge(answer, r["answers"][0]) for r in rows]
     )
-
-
-def own_caption_context(caption: str) -> str:
-    """The prompt text of the model's own caption (:class:`experts.AdapterCaptioner` over it)."""
-    from experts import AdapterCaptioner
-
-    return expert_context(AdapterCaptioner, caption)
 
 
 def photo(name: str) -> Image.Image:
