@@ -481,14 +481,15 @@ def load_examples(directory: Path) -> list[list[str]]:
 def expert_choices(registry: Registry) -> list[tuple[str, str]]:
     """(label, kind) of the preferred expert of each kind, e.g. ("OCR (easyocr)", "ocr"), then
     (label, name) of the model's own caption when it is registered and not already the preferred."""
-    choices = []
+    choices, preferred = [], {}
     for kind in ("ocr", "caption"):
         try:
-            choices.append((registry.get(kind).label, kind))
+            preferred[kind] = registry.get(kind)
+            choices.append((preferred[kind].label, kind))
         except KeyError:
             log.info("No %s expert registered", kind)
     own = AdapterCaptioner.name
-    if own in registry.names() and registry.get(own) is not registry.get("caption"):
+    if own in registry.names() and registry.get(own) is not preferred.get("caption"):
         choices.append((registry.get(own).label, own))
     return choices
 
