@@ -11,12 +11,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from test_image_chat import visual_pipeline as demo
 
 from experts import AdapterCaptioner, ImageNetTagger, MultimodalChat, run_experts
 from llama_adapter.build import DEFAULT_ADAPTER
 from llama_adapter.images import open_image
-from llama_adapter.weights import read_adapter_metadata
+from llama_adapter.weights import read_adapter, read_adapter_metadata
 from train.evaluate import judge, with_own_caption
 from train.recipes.demo_data.drawing import render_layout
 from train.recipes.demo_data.easyvqa import load_easy_vqa
@@ -127,4 +128,12 @@ def test_the_quick_recipe_trains_and_its_loss_falls(tmp_path):
     assert recipe.main(["--quick", "--out", str(tmp_path)]) == 0
     first, last = recipe.loss_fell(tmp_path / "quick")
     assert last < first
-    assert (tmp_path / "quick" / "adapter.safetensors").is_file()
+    # The reading stage starts from the joint stage's adapter and trains the language side only:
+    # the visual branch (the paper's pretrain group) is the joint stage's, tensor for tensor.
+    joint = read_adapter(tmp_path / "quick" / "adapter.safetensors").state_dict
+    reading = read_adapter(tmp_path / "quick-reading" / "adapter.safetensors").state_dict
+    assert joint.keys() == reading.keys()
+    visual = [k for k in joint if k.startswith("visual_")]
+    changed = [k for k in joint if not torch.equal(joint[k], reading[k])]
+    assert visual and not set(visual) & set(changed)
+    assert any(k.endswith(".bias") for k in changed) and any(k.endswith(".scale") for k in changed), changed

@@ -44,10 +44,18 @@ def metrics() -> dict:
         "perplexity_base": 3.9,
         "timings": {"total": {"wall_s": 5000, "cpu_s": 9000}},
         "loss_curve": [
-            {"step": s, "loss": 2 / s, "by_kind": {"pretrain/image": 2 / s, "finetune/text": 1 / s}} for s in (10, 20)
+            {"step": s, "stage": stage, "loss": 2 / s, "by_kind": {"pretrain/image": 2 / s, "finetune/text": 1 / s}}
+            for s, stage in ((10, 0), (20, 0), (30, 1))
         ],
         "accuracy_curve": [
-            {"step": s, "easy_vqa": kinds, "balanced_yes_no": 0.75, "ocr_with_expert": 0.5} for s in (100, 200)
+            {
+                "step": s,
+                "easy_vqa": kinds,
+                "balanced_yes_no": 0.75,
+                "balanced_yes_no_own_caption": 0.9,
+                "ocr_with_expert": 0.5,
+            }
+            for s in (100, 200)
         ],
     }
 

@@ -6,23 +6,27 @@
    that training sees the same expert text the app shows at inference; a rendered-text question
    trains only when its answer is in the text read.
 3. Joint training with the paper's disjoint groups, on SmolLM2-135M-Instruct + EfficientNet-Lite0
-   (its 7×7 feature grid, with learnt positions, is what the visual queries attend over).
+   (its 7×7 feature grid, with learnt positions, is what the visual queries attend over); then a
+   short reading stage, the language side alone, on questions answered from an expert's text
+   (OCR, the tagger, the model's own caption of an easy-VQA image).
 4. Evaluate on held-out data the way people ask (:mod:`train.recipes.demo_eval`), and every
    checkpoint on a small subset (accuracy through training).
 5. Write ``assets/demo-adapter.safetensors`` (its metadata: recipe commit, data seed, base
    fingerprint, metrics), ``assets/demo-metrics.json``, ``assets/demo-recipe.log``,
    ``assets/examples/``, the report ``assets/report/`` and the README's tables.
 
-``--quick`` trains for a few minutes on a small subset and checks that the loss falls (CI).
-``--ablations`` trains the paper's ablations with one shared, smaller budget (into ``--out``;
-``--ship-ablations`` also writes ``assets/demo-ablations.json``). ``--report`` rewrites the report
-and the README's tables from the JSON in ``assets/``, training nothing.
+``--quick`` trains both stages for a few minutes on a small subset and checks that the joint
+stage's loss falls (CI). ``--ablations`` trains the paper's ablations, joint stage only, with one
+shared, smaller budget (into ``--out``; ``--ship-ablations`` also writes
+``assets/demo-ablations.json``). ``--report`` rewrites the report and the README's tables from the
+JSON in ``assets/``, training nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import csv
 import dataclasses
 import hashlib
 import json
@@ -74,6 +78,9 @@ class Recipe:
     stage: str = "joint"
     lr: dict[str, float] = field(default_factory=lambda: {"pretrain": 1e-3, "finetune": 5e-4})
     caption_weight: float = 0.25
+    own_caption_weight: float = 0.25  # easy-VQA yes/no with the model's own caption (4,432 rows)
+    reading_steps: int = 200  # the second stage: the language side alone, answers from an expert's text
+    reading_lr: float = 1e-3
     ocr_images: dict[str, int | None] = field(default_factory=lambda: {"train": 120, "heldout": 80})  # None: all
     eval_per_kind: int | None = 60  # held-out easy-VQA questions per answer kind (None: all)
     eval_ocr: int | None = 160  # held-out rendered-text questions (None: all)
@@ -183,6 +190,34 @@ def tag_context(tags: list[list[Any]]) -> str:
     return expert_context(tagger, tagger.format_tags([(label, p) for label, p in tags]))
 
 
+def training_captions(d: Path) -> dict[str, str]:
+    """The first training caption of each image (``captions_train.tsv``)."""
+    captions: dict[str, str] = {}
+    with open(d / "captions_train.tsv", newline="") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            captions.setdefault(row["url"], row["caption"])
+    return captions
+
+
+def captioned_vqa(data: dict[str, Any], kinds: tuple[str, ...]) -> list[dict[str, Any]]:
+    """easy-VQA questions of ``kinds`` with the image's training caption in the prompt, as the
+    model's own caption expert (:class:`experts.AdapterCaptioner`) puts it there."""
+    from experts import AdapterCaptioner
+
+    d = data["dir"]
+    captions = training_captions(d)
+    return [
+        {
+            "image": str(d / item["image"]),
+            "instruction": item["conversations"][0]["value"],
+            "input": expert_context(AdapterCaptioner, captions[item["image"]]),
+            "output": item["conversations"][1]["value"],
+        }
+        for item in data["vqa_train"]
+        if item["kind"] in kinds and item["image"] in captions
+    ]
+
+
 def vqa_conversations(items: list[dict[str, Any]], turns: int, seed: int, root: Path) -> list[dict[str, Any]]:
     """easy-VQA questions grouped into conversations of up to ``turns`` questions about one image:
     an answer is one or a few tokens, so a step sees several per image for little more compute.
@@ -205,31 +240,10 @@ def vqa_conversations(items: list[dict[str, Any]], turns: int, seed: int, root: 
 
 def training_sources(recipe: Recipe, data: dict[str, Any]) -> list[dict[str, Any]]:
     """Captions, easy-VQA and pictures without tags train the visual side (pretrain group);
-    instructions, and the OCR and tagged-picture questions answered from the expert's text, train
-    the language side (finetune group)."""
+    instructions, and the OCR, tagged-picture and easy-VQA yes/no questions answered from an
+    expert's text, train the language side (finetune group)."""
     d = data["dir"]
-    ocr_samples = [
-        {
-            "image": str(d / item["image"]),
-            "instruction": item["conversations"][0]["value"],
-            "input": data["contexts"][item["image"]],
-            "output": item["conversations"][1]["value"],
-        }
-        for item in data["ocr"]["train"]
-        # Answers are written from the text read: a question whose answer OCR missed would teach
-        # the model to make one up.
-        if names(data["contexts"][item["image"]], item["short_answer"])
-    ]
     photos = data["photos_train"]
-    tagged = [
-        {
-            "image": str(d / p["image"]),
-            "instruction": p["question"],
-            "input": tag_context(p["tags"]),
-            "output": p["answer_with_tags"],
-        }
-        for p in photos
-    ]
     untagged = [
         {
             "image": str(d / p["image"]),
@@ -249,15 +263,60 @@ def training_sources(recipe: Recipe, data: dict[str, Any]) -> list[dict[str, Any
             "name": "easy-vqa",
         },
         {"samples": untagged, "group": "pretrain", "weight": 1.0, "name": "pictures-without-tags"},
+        *expert_sources(data, own_caption_weight=recipe.own_caption_weight, kinds=("yes", "no")),
+    ]
+
+
+def expert_sources(data: dict[str, Any], *, own_caption_weight: float, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The language side's data: instructions, and questions answered from an expert's text (OCR,
+    the tagger, the model's own caption of an easy-VQA image for questions of ``kinds``)."""
+    d = data["dir"]
+    ocr_samples = [
+        {
+            "image": str(d / item["image"]),
+            "instruction": item["conversations"][0]["value"],
+            "input": data["contexts"][item["image"]],
+            "output": item["conversations"][1]["value"],
+        }
+        for item in data["ocr"]["train"]
+        # Answers are written from the text read: a question whose answer OCR missed would teach
+        # the model to make one up.
+        if names(data["contexts"][item["image"]], item["short_answer"])
+    ]
+    tagged = [
+        {
+            "image": str(d / p["image"]),
+            "instruction": p["question"],
+            "input": tag_context(p["tags"]),
+            "output": p["answer_with_tags"],
+        }
+        for p in data["photos_train"]
+    ]
+    # The comparison a yes/no question needs is learnt from text in tens of steps, never from the
+    # visual prompt (README, the demo model): with the model's own caption in the prompt, as the
+    # caption expert puts it there, the language side answers from what the visual side wrote.
+    return [
         {"samples": ocr_samples, "group": "finetune", "weight": 1.0, "name": "ocr-with-expert"},
+        {
+            "samples": captioned_vqa(data, kinds),
+            "group": "finetune",
+            "weight": own_caption_weight,
+            "name": "easy-vqa-with-own-caption",
+        },
         {"samples": tagged, "group": "finetune", "weight": 1.0, "name": "pictures-with-tags"},
         {"path": str(d / "instructions_train.json"), "group": "finetune", "weight": 1.0},
     ]
 
 
-def train_config(recipe: Recipe, data: dict[str, Any]) -> dict[str, Any]:
-    sources = training_sources(recipe, data)
-    rows = 0
+def reading_sources(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The second stage's data: every expert-text source, with easy-VQA questions of every kind
+    under the model's own caption making about half of it."""
+    return expert_sources(data, own_caption_weight=0.3, kinds=("yes", "no", "colour", "shape"))
+
+
+def weighted_rows(sources: list[dict[str, Any]]) -> float:
+    """Rows per epoch of ``sources``, each counted ``weight`` times."""
+    rows = 0.0
     for s in sources:
         if "samples" in s:
             rows += len(s["samples"]) * s["weight"]
@@ -266,17 +325,49 @@ def train_config(recipe: Recipe, data: dict[str, Any]) -> dict[str, Any]:
             text = path.read_text()
             count = len(text.splitlines()) - 1 if path.suffix == ".tsv" else len(json.loads(text))
             rows += count * s["weight"]
-    epochs = recipe.steps * recipe.batch_size / rows
+    return rows
+
+
+def train_config(recipe: Recipe, data: dict[str, Any]) -> dict[str, Any]:
+    """The joint stage, from a fresh adapter."""
+    model = {"base": "smollm2-135m", "adapter": recipe.adapter_config(), "system_prompt": SYSTEM_PROMPT}
+    return stage_config(
+        recipe, recipe.name, recipe.stage, training_sources(recipe, data), recipe.steps, recipe.lr, model
+    )
+
+
+def reading_config(recipe: Recipe, data: dict[str, Any], joint_adapter: Path) -> dict[str, Any]:
+    """The reading stage: the language side alone (bias, scale, norms, late prompts), from the
+    joint stage's adapter, on questions answered from an expert's text."""
+    model = {"base": "smollm2-135m", "init_adapter": str(joint_adapter), "system_prompt": SYSTEM_PROMPT}
+    lr = {"finetune": recipe.reading_lr}
+    return stage_config(recipe, reading_run(recipe), "finetune", reading_sources(data), recipe.reading_steps, lr, model)
+
+
+def reading_run(recipe: Recipe) -> str:
+    return f"{recipe.name}-reading"
+
+
+def stage_config(
+    recipe: Recipe,
+    run_name: str,
+    stage: str,
+    sources: list[dict[str, Any]],
+    steps: int,
+    lr: dict[str, float],
+    model: dict[str, Any],
+) -> dict[str, Any]:
+    epochs = steps * recipe.batch_size / weighted_rows(sources)
     return {
-        "stage": recipe.stage,
-        "output_dir": str(recipe.out_dir / recipe.name),
+        "stage": stage,
+        "output_dir": str(recipe.out_dir / run_name),
         "seed": recipe.seed,
-        "model": {"base": "smollm2-135m", "adapter": recipe.adapter_config(), "system_prompt": SYSTEM_PROMPT},
+        "model": model,
         "data": {"sources": sources, "batch_size": recipe.batch_size, "max_len": 256},
         "optim": {
             "epochs": epochs,
             "warmup_epochs": epochs * 0.03,
-            "groups": {g: {"lr": lr, "weight_decay": 0.0} for g, lr in recipe.lr.items()},
+            "groups": {g: {"lr": rate, "weight_decay": 0.0} for g, rate in lr.items()},
             "clip_grad": 1.0,
         },
         "engine": {"mixed_precision": "no"},
@@ -291,37 +382,53 @@ def train_config(recipe: Recipe, data: dict[str, Any]) -> dict[str, Any]:
 def train_and_evaluate(
     recipe: Recipe, data: dict[str, Any], timings: dict[str, dict[str, float]]
 ) -> tuple[Path, dict[str, Any]]:
-    """Train, evaluate the final adapter on the held-out data and (``recipe.trajectory``) every
-    checkpoint on a subset of it; the metrics hold the loss and accuracy curves too."""
+    """Train (the joint stage, then ``recipe.reading_steps`` of the reading stage), evaluate the
+    final adapter on the held-out data and (``recipe.trajectory``) every checkpoint of both stages
+    on a subset of it; the metrics hold the loss and accuracy curves too."""
     heldout = demo_eval.held_out(data, recipe.eval_per_kind, recipe.eval_ocr)
+    run_dirs = [recipe.out_dir / recipe.name]
     with timed(timings, f"{recipe.name}: training"):
         adapter = run(train_config(recipe, data))
-    run_dir = recipe.out_dir / recipe.name
+    if recipe.reading_steps:
+        run_dirs.append(recipe.out_dir / reading_run(recipe))
+        with timed(timings, f"{recipe.name}: reading stage"):
+            adapter = run(reading_config(recipe, data, adapter))
     with timed(timings, f"{recipe.name}: evaluation"):
         metrics = demo_eval.evaluate(llama_adapter.load(adapter=adapter, dtype=demo_eval.PRECISION), heldout)
-    metrics["loss_curve"] = loss_curve(run_dir)
+    metrics["loss_curve"] = loss_curve(run_dirs)
     if recipe.trajectory:
         with timed(timings, f"{recipe.name}: accuracy through training"):
-            metrics["accuracy_curve"] = accuracy_curve(run_dir, heldout.subset(12, 16))
+            metrics["accuracy_curve"] = accuracy_curve(run_dirs, heldout.subset(12, 16))
     metrics["recipe"] = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(recipe).items()}
     log.info("%s: %s", recipe.name, json.dumps(demo_report.headline(metrics)))
     return adapter, metrics
 
 
-def loss_curve(run_dir: Path) -> list[dict[str, Any]]:
-    """The logged training loss per step window, by kind of batch (pretrain/image, finetune/...)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{"step": r["step"], "loss": r["loss"], "by_kind": r.get("loss_by_kind", {})} for r in rows if "step" in r]
+def loss_curve(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    """The logged training loss per step window, by kind of batch (pretrain/image, finetune/...),
+    of the stages run one after the other in ``run_dirs`` (steps counted on from one to the next)."""
+    curve: list[dict[str, Any]] = []
+    for stage, run_dir in enumerate(run_dirs):
+        offset = curve[-1]["step"] if curve else 0
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        curve += [
+            {"step": offset + r["step"], "stage": stage, "loss": r["loss"], "by_kind": r.get("loss_by_kind", {})}
+            for r in rows
+            if "step" in r
+        ]
+    return curve
 
 
-def accuracy_curve(run_dir: Path, subset: demo_eval.HeldOut) -> list[dict[str, Any]]:
-    """Held-out accuracy of every checkpoint on ``subset``."""
-    points = []
-    for checkpoint in list_checkpoints(run_dir):
-        pipe = llama_adapter.load(adapter=checkpoint / ADAPTER_FILE, dtype=demo_eval.PRECISION)
-        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-        points.append({"step": step, **demo_eval.trajectory_point(pipe, subset)})
-        log.info("accuracy at step %d: %s", step, points[-1])
+def accuracy_curve(run_dirs: list[Path], subset: demo_eval.HeldOut) -> list[dict[str, Any]]:
+    """Held-out accuracy on ``subset`` of every checkpoint of the stages in ``run_dirs``."""
+    points: list[dict[str, Any]] = []
+    for run_dir in run_dirs:
+        offset = points[-1]["step"] if points else 0
+        for checkpoint in list_checkpoints(run_dir):
+            pipe = llama_adapter.load(adapter=checkpoint / ADAPTER_FILE, dtype=demo_eval.PRECISION)
+            step = offset + json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+            points.append({"step": step, **demo_eval.trajectory_point(pipe, subset)})
+            log.info("accuracy at step %d: %s", step, points[-1])
     return points
 
 
@@ -434,12 +541,12 @@ def main(argv: list[str] | None = None) -> int:
         recipe = Recipe(
             name="quick", seed=args.seed, scale=0.02, data_dir=args.out / "quick-data", out_dir=args.out,
             steps=args.steps or 48, batch_size=4, ocr_images={"train": 6, "heldout": 2}, eval_per_kind=1, eval_ocr=2,
-            trajectory=False, log_every=1,
+            trajectory=False, log_every=1, reading_steps=8,
         )  # fmt: skip
         data = prepare_data(recipe)
-        adapter = run(train_config(recipe, data))
+        adapter = run(reading_config(recipe, data, run(train_config(recipe, data))))
         first, last = loss_fell(recipe.out_dir / recipe.name)
-        log.info("quick recipe: loss %.3f → %.3f; adapter %s", first, last, adapter)
+        log.info("quick recipe: joint stage loss %.3f → %.3f; adapter after the reading stage %s", first, last, adapter)
         if not last < first:
             log.error("The loss did not fall")
             return 1
@@ -449,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablations:
         base = Recipe(
             seed=args.seed, out_dir=args.out / "ablations", steps=args.steps or 120, batch_size=8,
-            eval_per_kind=20, eval_ocr=40, trajectory=False,
+            eval_per_kind=20, eval_ocr=40, trajectory=False, reading_steps=0,
         )  # fmt: skip
         data = prepare_data(base)
         table = {}

@@ -185,13 +185,15 @@ def evaluate(pipe: llama_adapter.Pipeline, heldout: HeldOut, *, photos: bool = T
 
 
 def trajectory_point(pipe: llama_adapter.Pipeline, heldout: HeldOut) -> dict[str, Any]:
-    """The few numbers tracked through training: easy-VQA per kind (free-form), rendered text
-    with the expert."""
+    """The few numbers tracked through training: easy-VQA per kind (free-form), its balanced yes/no
+    bare and with the model's own caption, rendered text with the expert."""
     vqa = evaluate_vqa(pipe, heldout.vqa, max_new_tokens=16)
+    captioned = evaluate_vqa(pipe, with_own_caption(pipe, heldout.vqa), max_new_tokens=16)
     ocr = evaluate_vqa(pipe, heldout.ocr, max_new_tokens=32)
     return {
         "easy_vqa": {k: v["accuracy"] for k, v in vqa["by_kind"].items()},
         "balanced_yes_no": vqa.get("balanced_yes_no"),
+        "balanced_yes_no_own_caption": captioned.get("balanced_yes_no"),
         "ocr_with_expert": ocr["accuracy"],
     }
 

@@ -180,12 +180,16 @@ def _save(fig: Any, path: Path) -> None:
 
 def plot_loss(curve: list[dict[str, Any]], path: Path) -> None:
     """Training loss of each kind of batch: the pretrain group (image batches: captions, easy-VQA,
-    pictures) and the finetune group (with images: OCR, tags; text: instructions)."""
+    pictures) and the finetune group (with images: OCR, tags, own captions; text: instructions),
+    through the joint stage and the reading stage after it (``stage`` 1)."""
     fig, ax = _figure()
     kinds = sorted({k for row in curve for k in row["by_kind"]})
     for kind in kinds:
         points = [(row["step"], row["by_kind"][kind]) for row in curve if kind in row["by_kind"]]
         ax.plot(*zip(*points), label=kind)
+    reading = [row["step"] for row in curve if row.get("stage", 0) == 1]
+    if reading:
+        ax.axvline(reading[0], color="grey", linestyle=":", label="reading stage from here")
     ax.set(xlabel="step", ylabel="loss (answer tokens)", title="Training loss by group and kind of batch")
     ax.legend()
     _save(fig, path)
@@ -198,6 +202,9 @@ def plot_accuracy(curve: list[dict[str, Any]], path: Path) -> None:
         ax.plot(
             steps, [100 * p["easy_vqa"].get(kind, float("nan")) for p in curve], marker="o", label=f"easy-VQA {kind}"
         )
+    if all("balanced_yes_no_own_caption" in p for p in curve):
+        own = [100 * (p["balanced_yes_no_own_caption"] or float("nan")) for p in curve]
+        ax.plot(steps, own, marker="^", linestyle="--", label="yes/no balanced, own caption")
     ax.plot(steps, [100 * p["ocr_with_expert"] for p in curve], marker="s", linestyle="--", label="text, OCR on")
     ax.set(xlabel="step", ylabel="held-out accuracy (%)", ylim=(0, 100), title="Held-out accuracy through training")
     ax.legend(fontsize=8)
