@@ -83,7 +83,10 @@ class Float32Linear(_RowsLinear):
         self.weight = linear.weight
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
-        if _prompt_rows(rows):
+        # The kernel has no backward: a product that needs a gradient (training or explaining
+        # through a loaded pipeline) goes through F.linear.
+        needs_grad = torch.is_grad_enabled() and (rows.requires_grad or self.weight.requires_grad)
+        if needs_grad or _prompt_rows(rows):
             return F.linear(rows, self.weight)
         return torch.ops.llama_adapter.float_linear(rows.contiguous(), self.weight)
 

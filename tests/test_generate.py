@@ -378,6 +378,10 @@ def test_models_decode_through_the_own_kernels_eager_and_compiled(own_kernels, q
     assert torch.equal(eager, expected[None])
     compiled = torch.compile(layer, fullgraph=True, options={"cpp_wrapper": True})
     assert torch.equal(compiled(step), eager)
+    if quantize_as is None:  # a decode step that needs a gradient gets the right one: d(sum W x)/dx = W's column sums
+        step.requires_grad_(True)
+        layer(step).sum().backward()
+        assert torch.allclose(step.grad, layer.weight.sum(0).expand_as(step), atol=1e-5)
 
 
 def test_without_a_compiler_inference_falls_back_to_torchs_kernels_with_a_warning(monkeypatch, tmp_path, caplog):
