@@ -1199,8 +1199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # The same folders and URL rule, and the same experts, for the /v1 door as for Gradio's.
     registry = registry_for(pipe)
-    runner = functools.partial(run_experts, registry=registry)
-    api = serve.api_router(pipe, serve.api_config(args, runner, measured_defaults(pipe, registry)[0]))
+    api = serve.api_router(pipe, serve.api_config(args, experts=functools.partial(run_experts, registry=registry)))
     launch(
         build_demo(pipe, registry=registry, queue_size=args.queue_size, allowed_dirs=args.allow_local_dir),
         host=args.host,
