@@ -49,7 +49,6 @@ from experts import (  # noqa: E402
     Turn,
     compare,
     describe,
-    measured_defaults,
     registry_for,
     run_experts,
 )
@@ -932,7 +931,6 @@ def build_demo(
     The pipeline's ``limits`` are the app's; ``queue_size`` requests may wait, more are turned away.
     Clients may name files in their uploads, the examples and ``allowed_dirs`` only (see :class:`UploadsOnly`)."""
     registry = registry or registry_for(pipe)
-    ticked, why_ticked = measured_defaults(pipe, registry)
     image_examples = load_examples(examples_dir)
     if image_examples:
         gr.set_static_paths([examples_dir])
@@ -942,13 +940,12 @@ def build_demo(
     instant = {"queue": False, "api_visibility": "private"}
 
     with gr.Blocks(title="LLaMA-Adapter V2") as demo:
-        gr.Markdown("\n\n".join(filter(None, [header_markdown(pipe, queue_size), why_ticked])), elem_id="header")
+        gr.Markdown(header_markdown(pipe, queue_size), elem_id="header")
         state = gr.State(None)
 
         with gr.Sidebar(elem_id="side-panel"):
             experts = gr.CheckboxGroup(
                 choices=expert_choices(registry),
-                value=ticked,
                 label="Experts",
                 info="They read each new image; their text joins the prompt and shows as a step in the chat.",
                 elem_id="experts",
