@@ -75,7 +75,7 @@ def test_the_own_caption_row_shows_its_numbers_and_only_when_measured(metrics):
     assert "own caption" not in demo_report.readme_block(metrics, None)
     metrics["easy_vqa"]["free_with_own_caption"] = result(0.9375, {"yes": 1.0, "no": 0.75, "shape": 1.0}, 0.875)
     block = demo_report.readme_block(metrics, None)
-    assert "measured better with it) | 93.8 % | the same questions bare 81.2 % | ≥ 90.0 % |" in block
+    assert "offered by `python app.py`) | 93.8 % | the same questions bare 81.2 % | ≥ 90.0 % |" in block
     assert "| – answer no, own caption | 75.0 % | bare 50.0 % | ≥ 85.0 % |" in block
     assert "| – balanced yes/no, own caption | 87.5 % | bare 75.0 % | ≥ 90.0 % |" in block
     assert demo_report.headline(metrics)["own_caption_balanced_yes_no"] == 0.875

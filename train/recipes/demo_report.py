@@ -81,7 +81,7 @@ def results_table(metrics: dict[str, Any]) -> str:
     if captioned:
         rows.append(
             "| easy-VQA, the same questions with the model's own caption of the image in the prompt (the "
-            "`caption-adapter` expert, which `python app.py` turns on for an adapter measured better with it) "
+            "`caption-adapter` expert, offered by `python app.py`) "
             f"| {pct(captioned['accuracy'])} | the same questions bare {pct(free['accuracy'])} "
             f"| ≥ {pct(t['easy_vqa'])} |"
         )
