@@ -371,8 +371,8 @@ def corner_image(shape: str, colour: str, corner: str, size: int = 224, side: in
 @pytest.mark.slow
 def test_demo_model_looks_at_the_corner_with_the_shape():
     """A shape in one corner of an empty image: the map's maximum falls in that corner's 3×3 cells
-    (of 7×7: chance 9/49) for most images. Measured: 33 of these 36 (every square; a red circle,
-    and top-left triangles, whose maximum lands one row lower, on the triangle's base)."""
+    (of 7×7: chance 9/49) for most images. Measured: 34 of these 36 (a red circle and a blue square
+    land one cell outside)."""
     from test_image_chat import visual_pipeline
 
     pipe = visual_pipeline()
