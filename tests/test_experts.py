@@ -363,6 +363,13 @@ def test_adapter_captioner_asks_the_pipeline_with_the_official_caption_instructi
     assert prompt == "Generate caption of this image" and image is chelsea and sampling["temperature"] == 0
 
 
+def test_the_recipe_trains_on_the_model_s_own_caption_as_the_app_puts_it_in_the_prompt(chelsea):
+    from train.evaluate import expert_context  # what train.recipes.demo.captioned_vqa writes
+
+    report = run_experts(chelsea, [AdapterCaptioner(FakeVisualPipeline())], cache=None)  # type: ignore[arg-type]
+    assert expert_context(AdapterCaptioner, "a cat lying on a blanket") == report.context
+
+
 def test_adapter_captioner_is_unavailable_on_a_text_only_model(smol):
     status = AdapterCaptioner(smol).availability()
     assert not status.available and "CAPTION-7B" in status.fix
