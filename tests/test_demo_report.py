@@ -75,10 +75,29 @@ def test_the_own_caption_row_shows_its_numbers_and_only_when_measured(metrics):
     assert "own caption" not in demo_report.readme_block(metrics, None)
     metrics["easy_vqa"]["free_with_own_caption"] = result(0.9375, {"yes": 1.0, "no": 0.75, "shape": 1.0}, 0.875)
     block = demo_report.readme_block(metrics, None)
-    assert "offered by `python app.py`) | 93.8 % | the same questions bare 81.2 % | ≥ 90.0 % |" in block
+    assert "measured_defaults`) | 93.8 % | the same questions bare 81.2 % | ≥ 90.0 % |" in block
     assert "| – answer no, own caption | 75.0 % | bare 50.0 % | ≥ 85.0 % |" in block
     assert "| – balanced yes/no, own caption | 87.5 % | bare 75.0 % | ≥ 90.0 % |" in block
     assert demo_report.headline(metrics)["own_caption_balanced_yes_no"] == 0.875
+
+
+def test_photos_with_the_own_caption_show_their_numbers_and_replies_only_when_measured(metrics, tmp_path):
+    assert "own caption on too" not in demo_report.readme_block(metrics, None)
+    photos = metrics["photos"]
+    photos["with_tagger_and_own_caption"] = {"named_top_tag": 8, "accuracy": 0.8}
+    photos["with_own_caption"] = {"made_up_shape": 0}
+    photos["samples"][0] |= {
+        "own_caption": "Not a shape.",
+        "with_own_caption": "I can't tell.",
+        "with_tagger_and_own_caption": "It looks like an espresso.",
+    }
+    block = demo_report.readme_block(metrics, None)
+    assert "| – the same with the model's own caption on too | 8 of 10 " in block
+    assert "own caption on: a made-up shape in 0 of 10 |" in block
+    page = demo_report.write_report(metrics, None, tmp_path / "report").read_text()
+    row = "| coffee | espresso | An espresso. | ? | Not a shape. | I can't tell. | It looks like an espresso. |"
+    assert row in page
+    assert demo_report.headline(metrics)["photos_made_up_own_caption"] == 0
 
 
 def test_ablations_in_the_old_format_are_left_out(metrics):

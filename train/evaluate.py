@@ -246,7 +246,8 @@ def expert_context(expert: Any, text: str) -> str:
 
 def with_own_caption(pipe: Pipeline, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``rows`` with the caption ``pipe`` writes of each image (what :class:`experts.AdapterCaptioner`
-    over it answers, greedy) as the caption expert's text in the prompt."""
+    over it answers, greedy) as the caption expert's text in the prompt, before a row's own expert
+    text (as the app puts them when the own caption is on and another expert is ticked)."""
     from experts import AdapterCaptioner
 
     captioner = AdapterCaptioner(pipe)
@@ -255,7 +256,7 @@ def with_own_caption(pipe: Pipeline, rows: list[dict[str, Any]]) -> list[dict[st
         [captioner.instruction] * len(images), images, max_new_tokens=captioner.max_new_tokens, temperature=0.0
     )
     contexts = {i: expert_context(captioner, c.strip()) for i, c in zip(images, written)}
-    return [{**r, "context": contexts[r["image"]]} for r in rows]
+    return [{**r, "context": "\n".join(filter(None, [contexts[r["image"]], r.get("context")]))} for r in rows]
 
 
 def evaluate_vqa(

@@ -132,28 +132,45 @@ def names_label(reply: str, label: str) -> bool:
 
 
 def evaluate_photos(pipe: llama_adapter.Pipeline) -> dict[str, Any]:
-    """Real photos, tagger on: does the reply name its top label? Tagger off: does it make up a
-    shape (names a circle, rectangle or triangle)?"""
-    from experts import ImageNetTagger, run_experts
+    """Real photos, "What is in this picture?" with the experts as the app runs them: with the
+    ImageNet tagger on (alone, and beside the model's own caption), does the reply name its top
+    label? Without the tagger (bare, and with the own caption), does it make up a shape (name a
+    circle, rectangle or triangle)?"""
+    from experts import ImageNetTagger, registry_for, run_experts
 
-    tagger = ImageNetTagger()
+    registry = registry_for(pipe)
     images = [photo(n) for n in PHOTOS]
-    tags = [tagger.tags(image, 1)[0][0] for image in images]
-    contexts = [run_experts(image, "tagger", cache=None).context for image in images]
-    with_tagger = pipe.generate_batch(
-        [[{"role": "user", "content": PHOTO_QUESTION, "context": c}] for c in contexts], images, max_new_tokens=32
-    )
-    without = pipe.generate_batch([PHOTO_QUESTION] * len(images), images, max_new_tokens=32)
-    named = [names_label(r, t) for r, t in zip(with_tagger, tags)]
-    made_up = [any(names(r, s) for s in ANSWER_SETS["shape"]) for r in without]
+    tags = [ImageNetTagger().tags(image, 1)[0][0] for image in images]
+
+    def replies(experts: list[str]) -> list[str]:
+        contexts = [run_experts(image, experts, registry=registry, cache=None).context for image in images]
+        messages = [[{"role": "user", "content": PHOTO_QUESTION, "context": c}] for c in contexts]
+        return pipe.generate_batch(messages, images, max_new_tokens=32)
+
+    asked = {"with_tagger": ["tagger"], "without_tagger": [], "with_own_caption": ["caption-adapter"]}
+    asked["with_tagger_and_own_caption"] = ["caption-adapter", "tagger"]  # as ticked: the own caption is on first
+    answers = {measure: replies(experts) for measure, experts in asked.items()}
+    own_captions = [
+        run_experts(image, ["caption-adapter"], registry=registry).texts["caption-adapter"] for image in images
+    ]
+
+    def named(measure: str) -> dict[str, Any]:
+        hits = sum(names_label(r, t) for r, t in zip(answers[measure], tags))
+        return {"named_top_tag": hits, "accuracy": hits / len(images)}
+
+    def made_up(measure: str) -> dict[str, int]:
+        return {"made_up_shape": sum(any(names(r, s) for s in ANSWER_SETS["shape"]) for r in answers[measure])}
+
     return {
         "items": len(images),
         "question": PHOTO_QUESTION,
-        "with_tagger": {"named_top_tag": sum(named), "accuracy": sum(named) / len(images)},
-        "without_tagger": {"made_up_shape": sum(made_up)},
+        "with_tagger": named("with_tagger"),
+        "with_tagger_and_own_caption": named("with_tagger_and_own_caption"),
+        "without_tagger": made_up("without_tagger"),
+        "with_own_caption": made_up("with_own_caption"),
         "samples": [
-            {"photo": n, "top_tag": t, "with_tagger": a, "without_tagger": b}
-            for n, t, a, b in zip(PHOTOS, tags, with_tagger, without)
+            {"photo": n, "top_tag": t, "own_caption": c, **{m: a[i] for m, a in answers.items()}}
+            for i, (n, t, c) in enumerate(zip(PHOTOS, tags, own_captions))
         ],
     }
 
@@ -175,6 +192,9 @@ def evaluate(pipe: llama_adapter.Pipeline, heldout: HeldOut, *, photos: bool = T
         "ocr": {
             "with_expert": scores(evaluate_vqa(pipe, heldout.ocr, max_new_tokens=32)),
             "without_expert": scores(evaluate_vqa(pipe, ocr_without, max_new_tokens=32)),
+            "with_expert_and_own_caption": scores(
+                evaluate_vqa(pipe, with_own_caption(pipe, heldout.ocr), max_new_tokens=32)
+            ),
         },
         "perplexity": evaluate_perplexity(pipe, heldout.instructions)["perplexity"],
     }

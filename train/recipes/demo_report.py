@@ -45,7 +45,11 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
         out["own_caption"] = round(captioned["accuracy"], 3)
         out["own_caption_balanced_yes_no"] = round(captioned.get("balanced_yes_no", float("nan")), 3)
     if "photos" in metrics:
-        out["photos_named"] = metrics["photos"]["with_tagger"]["named_top_tag"]
+        p = metrics["photos"]
+        out["photos_named"] = p["with_tagger"]["named_top_tag"]
+        if "with_own_caption" in p:
+            out["photos_named_own_caption"] = p["with_tagger_and_own_caption"]["named_top_tag"]
+            out["photos_made_up_own_caption"] = p["with_own_caption"]["made_up_shape"]
     return out
 
 
@@ -81,7 +85,7 @@ def results_table(metrics: dict[str, Any]) -> str:
     if captioned:
         rows.append(
             "| easy-VQA, the same questions with the model's own caption of the image in the prompt (the "
-            "`caption-adapter` expert, offered by `python app.py`) "
+            "`caption-adapter` expert of `python app.py`; see `experts.measured_defaults`) "
             f"| {pct(captioned['accuracy'])} | the same questions bare {pct(free['accuracy'])} "
             f"| ≥ {pct(t['easy_vqa'])} |"
         )
@@ -107,6 +111,13 @@ def results_table(metrics: dict[str, Any]) -> str:
             f"top tag | {p['with_tagger']['named_top_tag']} of {p['items']} | tagger off: a made-up shape in "
             f"{p['without_tagger']['made_up_shape']} of {p['items']} | ≥ {t['photos']} of 10 |"
         )
+        if "with_own_caption" in p:
+            named = p["with_tagger_and_own_caption"]["named_top_tag"]
+            rows.append(
+                f"| – the same with the model's own caption on too | {named} of {p['items']} "
+                f"| tagger off, own caption on: a made-up shape in "
+                f"{p['with_own_caption']['made_up_shape']} of {p['items']} | ≥ {t['photos']} of 10 |"
+            )
     base = metrics.get("perplexity_base")
     rows.append(
         f"| perplexity, held-out instructions | {metrics['perplexity']:.2f} | "
@@ -319,14 +330,29 @@ def write_report(metrics: dict[str, Any], ablations: dict[str, Any] | None, out_
         sections += [f"| {s['question']} | {_cell(s['reply'])} | {s['reference']} |" for s in samples]
         sections.append("")
     if "photos" in metrics:
-        sections += ["**real photos**", "", "| photo | top tag | tagger on | tagger off |", "|---|---|---|---|"]
+        columns = [c for c in PHOTO_COLUMNS if c in metrics["photos"]["samples"][0]]
         sections += [
-            f"| {s['photo']} | {s['top_tag']} | {_cell(s['with_tagger'])} | {_cell(s['without_tagger'])} |"
+            "**real photos**",
+            "",
+            "| photo | top tag | " + " | ".join(PHOTO_COLUMNS[c] for c in columns) + " |",
+            "|---|---|" + "---|" * len(columns),
+        ]
+        sections += [
+            f"| {s['photo']} | {s['top_tag']} | " + " | ".join(_cell(s[c]) for c in columns) + " |"
             for s in metrics["photos"]["samples"]
         ]
     page = out_dir / "README.md"
     page.write_text("\n".join(sections) + "\n", encoding="utf-8")
     return page
+
+
+PHOTO_COLUMNS = {
+    "with_tagger": "tagger on",
+    "without_tagger": "tagger off",
+    "own_caption": "the model's own caption",
+    "with_own_caption": "own caption on",
+    "with_tagger_and_own_caption": "tagger and own caption on",
+}
 
 
 def _cell(text: str) -> str:
