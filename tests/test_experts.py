@@ -370,6 +370,39 @@ def test_the_recipe_trains_on_the_model_s_own_caption_as_the_app_puts_it_in_the_
     assert expert_context(AdapterCaptioner, "a cat lying on a blanket") == report.context
 
 
+def test_the_recipe_teaches_an_honest_own_caption_of_other_pictures_and_answers_beside_it(chelsea, tmp_path):
+    """The reading stage's rows for pictures unlike easy-VQA's: the caption asked as the captioner
+    asks it, and answers with that caption in the prompt exactly as the app puts it there, alone
+    or beside the tagger's or the OCR expert's text, in either order."""
+    from train.recipes import demo
+
+    class WritesHonestly(FakeVisualPipeline):
+        def generate(self, prompt, image=None, **sampling):
+            return demo.OTHER_PICTURE_CAPTION
+
+    photo = {"question": "What is this?", "tags": [["espresso", 0.9]], "answer_with_tags": "An espresso."}
+    photos = [
+        {**photo, "image": f"p{i}.png", "source": "photo", "answer_without_tags": "I can't tell."} for i in range(40)
+    ]
+    asked_and_answered = [{"from": "human", "value": "What does it say?"}, {"from": "gpt", "value": "It says OPEN."}]
+    ocr = [{"image": "s.png", "source": "ocr-sign", "short_answer": "OPEN", "conversations": asked_and_answered}]
+    data = {"dir": tmp_path, "photos_train": photos, "ocr": {"train": ocr}, "contexts": {"s.png": "Text (OCR): OPEN"}}
+    sources = {s.get("name"): s for s in demo.own_caption_sources(demo.Recipe(), data)}
+    captions = sources["own-caption-of-other-pictures"]["samples"]
+    asked = AdapterCaptioner(WritesHonestly())  # type: ignore[arg-type]
+    assert {c["instruction"] for c in captions} == {asked.instruction}
+    assert {c["output"] for c in captions} == {demo.OTHER_PICTURE_CAPTION} and len(captions) == 41
+    own_line = run_experts(chelsea, [asked], cache=None).context
+    rows = sources["pictures-with-own-caption"]["samples"]
+    alone = [r for r in rows if r["output"] == "I can't tell."]
+    beside = [r["input"].split("\n") for r in rows if r["output"] == "An espresso."]
+    assert len(alone) == len(beside) == 40 and {r["input"] for r in alone} == {own_line}
+    assert {lines[0] for lines in beside} == {own_line, demo.tag_context([["espresso", 0.9]])}  # both orders
+    assert all(sorted(lines) == sorted([own_line, demo.tag_context([["espresso", 0.9]])]) for lines in beside)
+    [read] = sources["ocr-with-own-caption"]["samples"]
+    assert sorted(read["input"].split("\n")) == sorted([own_line, "Text (OCR): OPEN"])
+
+
 def test_adapter_captioner_is_unavailable_on_a_text_only_model(smol):
     status = AdapterCaptioner(smol).availability()
     assert not status.available and "CAPTION-7B" in status.fix

@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "assets"
 SYSTEM_PROMPT = "You are a helpful assistant. You can see the image the user shares."
+# The model's own caption of any training picture but easy-VQA's (drawn pictures, rendered text):
+# what it can tell of them itself. One caption for both: with two, real photos got the text one.
+OTHER_PICTURE_CAPTION = "A picture that is not a simple drawn shape; I cannot tell what it shows."
 
 
 @dataclass
@@ -80,7 +83,7 @@ class Recipe:
     lr: dict[str, float] = field(default_factory=lambda: {"pretrain": 1e-3, "finetune": 5e-4})
     caption_weight: float = 0.25
     own_caption_weight: float = 0.25  # easy-VQA yes/no with the model's own caption (4,432 rows)
-    reading_steps: int = 200  # the second stage: the language side alone, answers from an expert's text
+    reading_steps: int = 300  # the second stage: the language side alone, answers from an expert's text
     reading_lr: float = 1e-3
     ocr_images: dict[str, int | None] = field(default_factory=lambda: {"train": 120, "heldout": 80})  # None: all
     eval_per_kind: int | None = 60  # held-out easy-VQA questions per answer kind (None: all)
@@ -274,13 +277,10 @@ def ocr_read(context: str, answer: str) -> bool:
     return names(re.sub(r"(?<![A-Za-z0-9])[Ss](?=\d)", "$", context), answer)
 
 
-def expert_sources(
-    data: dict[str, Any], *, own_caption_weight: float, kinds: tuple[str, ...], ocr_weight: float = 1.0
-) -> list[dict[str, Any]]:
-    """The language side's data: instructions, and questions answered from an expert's text (OCR,
-    the tagger, the model's own caption of an easy-VQA image for questions of ``kinds``)."""
+def ocr_samples(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rendered-text questions with the OCR expert's text in the prompt."""
     d = data["dir"]
-    ocr_samples = [
+    return [
         {
             "image": str(d / item["image"]),
             "instruction": item["conversations"][0]["value"],
@@ -292,6 +292,14 @@ def expert_sources(
         # the model to make one up.
         if ocr_read(data["contexts"][item["image"]], item["short_answer"])
     ]
+
+
+def expert_sources(
+    data: dict[str, Any], *, own_caption_weight: float, kinds: tuple[str, ...], ocr_weight: float = 1.0
+) -> list[dict[str, Any]]:
+    """The language side's data: instructions, and questions answered from an expert's text (OCR,
+    the tagger, the model's own caption of an easy-VQA image for questions of ``kinds``)."""
+    d = data["dir"]
     tagged = [
         {
             "image": str(d / p["image"]),
@@ -305,7 +313,7 @@ def expert_sources(
     # visual prompt (README, the demo model): with the model's own caption in the prompt, as the
     # caption expert puts it there, the language side answers from what the visual side wrote.
     return [
-        {"samples": ocr_samples, "group": "finetune", "weight": ocr_weight, "name": "ocr-with-expert"},
+        {"samples": ocr_samples(data), "group": "finetune", "weight": ocr_weight, "name": "ocr-with-expert"},
         {
             "samples": captioned_vqa(data, kinds),
             "group": "finetune",
@@ -321,11 +329,52 @@ def reading_sources(recipe: Recipe, data: dict[str, Any]) -> list[dict[str, Any]
     """The second stage's data: every expert-text source, easy-VQA questions of every kind under
     the model's own caption making about half of it, and a share of the bare easy-VQA
     conversations (without them the language side forgot how to answer a bare question: held-out
-    colour fell from 92 to 53 % in a reading stage without them)."""
+    colour fell from 92 to 53 % in a reading stage without them); then the own caption of pictures
+    unlike easy-VQA's (:func:`own_caption_sources`)."""
     bare = vqa_conversations(data["vqa_train"], recipe.vqa_turns, recipe.seed, data["dir"])
     return [
         *expert_sources(data, own_caption_weight=0.3, kinds=("yes", "no", "colour", "shape"), ocr_weight=2.0),
         {"samples": bare, "group": "finetune", "weight": 0.2, "name": "easy-vqa"},
+        *own_caption_sources(recipe, data),
+    ]
+
+
+def own_caption_sources(recipe: Recipe, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The model's own caption where its visual side knows only that a picture is unlike the
+    shapes it learnt: written honestly (:data:`OTHER_PICTURE_CAPTION`) rather than made up, and
+    answers with that caption in the prompt, alone or beside the tagger's or the OCR expert's text,
+    in either order (as the app puts them there when both are ticked). Easy-VQA's training captions
+    keep the caption of a shape picture as the joint stage taught it (and sharpen it: held-out
+    balanced yes/no with the own caption rose from 89 to 99 % with them in this stage)."""
+    from experts import AdapterCaptioner
+    from experts.caption import CAPTION_INSTRUCTION
+
+    rng = random.Random(recipe.seed)
+    d = data["dir"]
+    own = expert_context(AdapterCaptioner, OTHER_PICTURE_CAPTION)
+
+    def beside(other: str) -> str:
+        return "\n".join([own, other] if rng.random() < 0.5 else [other, own])
+
+    pictures = dict.fromkeys(i["image"] for i in data["photos_train"] + data["ocr"]["train"])
+    captions = [
+        {"image": str(d / image), "instruction": CAPTION_INSTRUCTION, "output": OTHER_PICTURE_CAPTION}
+        for image in pictures
+    ]
+    photos = [
+        {"image": str(d / p["image"]), "instruction": p["question"], **answer}
+        for p in data["photos_train"]
+        for answer in (
+            {"input": own, "output": p["answer_without_tags"]},
+            {"input": beside(tag_context(p["tags"])), "output": p["answer_with_tags"]},
+        )
+    ]
+    ocr = [{**row, "input": beside(row["input"])} for row in ocr_samples(data)]
+    return [
+        {"samples": captions, "group": "finetune", "weight": 1.0, "name": "own-caption-of-other-pictures"},
+        {"path": str(d / "captions_train.tsv"), "group": "finetune", "weight": 0.1},
+        {"samples": photos, "group": "finetune", "weight": 0.5, "name": "pictures-with-own-caption"},
+        {"samples": ocr, "group": "finetune", "weight": 1.0, "name": "ocr-with-own-caption"},
     ]
 
 
