@@ -49,6 +49,7 @@ from experts import (  # noqa: E402
     Turn,
     compare,
     describe,
+    measured_defaults,
     registry_for,
     run_experts,
 )
@@ -931,6 +932,7 @@ def build_demo(
     The pipeline's ``limits`` are the app's; ``queue_size`` requests may wait, more are turned away.
     Clients may name files in their uploads, the examples and ``allowed_dirs`` only (see :class:`UploadsOnly`)."""
     registry = registry or registry_for(pipe)
+    ticked, why_ticked = measured_defaults(pipe, registry)
     image_examples = load_examples(examples_dir)
     if image_examples:
         gr.set_static_paths([examples_dir])
@@ -940,12 +942,13 @@ def build_demo(
     instant = {"queue": False, "api_visibility": "private"}
 
     with gr.Blocks(title="LLaMA-Adapter V2") as demo:
-        gr.Markdown(header_markdown(pipe, queue_size), elem_id="header")
+        gr.Markdown("\n\n".join(filter(None, [header_markdown(pipe, queue_size), why_ticked])), elem_id="header")
         state = gr.State(None)
 
         with gr.Sidebar(elem_id="side-panel"):
             experts = gr.CheckboxGroup(
                 choices=expert_choices(registry),
+                value=ticked,
                 label="Experts",
                 info="They read each new image; their text joins the prompt and shows as a step in the chat.",
                 elem_id="experts",
@@ -1196,7 +1199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # The same folders and URL rule, and the same experts, for the /v1 door as for Gradio's.
     registry = registry_for(pipe)
-    api = serve.api_router(pipe, serve.api_config(args, experts=functools.partial(run_experts, registry=registry)))
+    runner = functools.partial(run_experts, registry=registry)
+    api = serve.api_router(pipe, serve.api_config(args, runner, measured_defaults(pipe, registry)[0]))
     launch(
         build_demo(pipe, registry=registry, queue_size=args.queue_size, allowed_dirs=args.allow_local_dir),
         host=args.host,

@@ -29,7 +29,7 @@ from .base import (
     run_expert,
     run_experts,
 )
-from .caption import AdapterCaptioner, CocaCaptioner, ImageNetTagger, registry_for
+from .caption import AdapterCaptioner, CocaCaptioner, ImageNetTagger, measured_defaults, registry_for
 from .ocr import ENGINES, OcrExpert, TextBox, reading_order
 from .prompt import BuiltPrompt, build_prompt
 from .session import Description, MultimodalChat, Turn, describe
@@ -73,6 +73,7 @@ __all__ = [
     "describe",
     "image_hash",
     "reading_order",
+    "measured_defaults",
     "registry_for",
     "run_expert",
     "run_experts",

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from llama_adapter.weights import PINNED_FILES, download_pinned, pinned_path
+from llama_adapter.errors import LlamaAdapterError
+from llama_adapter.weights import PINNED_FILES, download_pinned, pinned_path, read_adapter_metadata
 
 from .base import Availability, Expert, Registry, default_registry
 
@@ -353,3 +354,39 @@ def registry_for(pipeline: Pipeline) -> Registry:
     images, its own caption (an :class:`AdapterCaptioner` over it, named ``caption-adapter``)."""
     registry = default_registry()
     return Registry([*registry, AdapterCaptioner(pipeline)]) if pipeline.accepts_images else registry
+
+
+def measured_defaults(pipeline: Pipeline, registry: Registry) -> tuple[list[str], str]:
+    """The experts to use by default with ``pipeline``, and why (a sentence, empty when none): its
+    own caption where the adapter's metadata shows it answering held-out easy-VQA better with
+    that caption in the prompt than without, and doing no worse on real photos with it (no more
+    made-up shapes; the tagger's label named as often); otherwise none. The demo recipe measures
+    all of these."""
+    own = AdapterCaptioner.name
+    adapter = pipeline.info.get("adapter")
+    if not adapter or own not in registry.names():
+        return [], ""
+    try:
+        metrics = read_adapter_metadata(adapter).get("metrics", {})
+    except LlamaAdapterError as e:  # an official .pth checkpoint, or a file without our metadata
+        log.info("No measurements in the adapter's metadata (%s): no expert on by default", e)
+        return [], ""
+    vqa, photos = metrics.get("easy_vqa", {}), metrics.get("photos", {})
+    with_caption, bare = vqa.get("free_with_own_caption"), vqa.get("free")
+    if not (with_caption and bare and with_caption["accuracy"] > bare["accuracy"]):
+        return [], ""
+    try:
+        made_up = photos["with_own_caption"]["made_up_shape"], photos["without_tagger"]["made_up_shape"]
+        named = photos["with_tagger_and_own_caption"]["named_top_tag"], photos["with_tagger"]["named_top_tag"]
+    except KeyError:  # measured before photos were asked with the own caption
+        return [], ""
+    if made_up[0] > made_up[1] or named[0] < named[1]:
+        return [], ""
+    why = (
+        f"{registry.get(own).label} is on: with it this adapter answered "
+        f"{with_caption['accuracy']:.0%} of its held-out easy-VQA questions (balanced yes/no "
+        f"{with_caption['balanced_yes_no']:.0%}), without it {bare['accuracy']:.0%} "
+        f"({bare['balanced_yes_no']:.0%}); on {photos['items']} real photos it made up a shape "
+        f"{made_up[0]} times (bare {made_up[1]}), as its metadata records."
+    )
+    return [own], why

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 import re
@@ -76,6 +77,9 @@ class ApiConfig:
     remote_timeout_s: float = 10.0
     experts: ExpertsRunner | None = None
     """Runs the experts a request names on one image (``experts.run_experts``); ``None``: no experts."""
+    default_experts: Sequence[str] = ()
+    """The experts a request with an image and no ``"experts"`` field gets (``"experts": []`` asks
+    for none), e.g. what :func:`experts.measured_defaults` chose."""
     allowed_dirs: list[Path] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -237,6 +241,8 @@ def prepare(req: ChatRequest, pipe: Pipeline, config: ApiConfig) -> Prepared:
     and the experts' report."""
     if req.experts and config.experts is None:
         raise _bad('This server has no experts; leave out "experts".', "experts")
+    explicit = req.experts is not None
+    chosen = req.experts if explicit else list(config.default_experts) if config.experts else []
     messages: list[dict[str, str]] = []
     image: Image.Image | None = None
     report: list[dict[str, Any]] = []
@@ -258,8 +264,8 @@ def prepare(req: ChatRequest, pipe: Pipeline, config: ApiConfig) -> Prepared:
             except InputError as e:
                 raise _bad(str(e), param, "invalid_image") from None
             image = picture
-            if req.experts:
-                context, results = _run_experts(config.experts, picture, req.experts)
+            if chosen:
+                context, results = _run_experts(config.experts, picture, chosen)
                 report += [{"image": images_seen, **r} for r in results]
                 if context:
                     contexts.append(context)
@@ -268,17 +274,17 @@ def prepare(req: ChatRequest, pipe: Pipeline, config: ApiConfig) -> Prepared:
         if contexts:
             message["context"] = "\n".join(contexts)
         messages.append(message)
-    if req.experts and not images_seen:
+    if explicit and chosen and not images_seen:
         raise _bad("Experts describe images, and this request has none.", "experts")
     if image is not None and not pipe.accepts_images:
-        if not req.experts:
+        if not chosen:
             raise _bad(
                 'This model has no image encoder: it cannot see images. Ask for experts (e.g. "experts": ["ocr"]) '
                 "to give it their text about the image.",
                 "messages",
             )
         image = None  # a text-only model sees the image through the experts' text only
-    return Prepared(messages, image, report if req.experts else None)
+    return Prepared(messages, image, report if chosen and images_seen else None)
 
 
 def _run_experts(runner: ExpertsRunner, image: Image.Image, names: Sequence[str]) -> tuple[str | None, list[dict]]:
@@ -514,25 +520,34 @@ def add_api_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def api_config(args: argparse.Namespace, experts: ExpertsRunner | None) -> ApiConfig:
+def api_config(
+    args: argparse.Namespace, experts: ExpertsRunner | None, default_experts: Sequence[str] = ()
+) -> ApiConfig:
     return ApiConfig(
         model_name=args.model_name,
         api_key=args.api_key or None,
         allow_local_dirs=args.allow_local_dir,
         allow_remote_images=args.allow_remote_images,
         experts=experts,
+        default_experts=default_experts,
     )
 
 
-def _installed_experts() -> ExpertsRunner | None:
-    """``experts.run_experts`` when the repository's ``experts`` package is importable. Only this
-    command line looks: the library takes experts as a function (``ApiConfig.experts``)."""
+def _installed_experts(pipe: Pipeline) -> tuple[ExpertsRunner | None, list[str]]:
+    """``experts.run_experts`` over the experts for ``pipe`` (:func:`experts.registry_for`) and the
+    ones measured to help it (:func:`experts.measured_defaults`), when the repository's ``experts``
+    package is importable. Only this command line looks: the library takes experts as a function
+    (``ApiConfig.experts``)."""
     try:
-        from experts import run_experts
+        from experts import measured_defaults, registry_for, run_experts
     except ImportError:
         log.info("No experts package: requests that ask for experts get a 400")
-        return None
-    return run_experts
+        return None, []
+    registry = registry_for(pipe)
+    chosen, why = measured_defaults(pipe, registry)
+    if why:
+        log.info('%s Requests with an image and no "experts" field get it.', why)
+    return functools.partial(run_experts, registry=registry), chosen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -557,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    config = api_config(args, _installed_experts())
+    config = api_config(args, *_installed_experts(pipe))
     log.info("Serving %s at http://%s:%d/v1", model_id(pipe, config), args.host, args.port)
     app = create_app(pipe, config)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -34,11 +34,13 @@ from experts import (
     Registry,
     compare,
     default_registry,
+    measured_defaults,
     registry_for,
     run_experts,
 )
 from llama_adapter import CheckpointError, Pipeline
 from llama_adapter import serve as openai_api
+from llama_adapter.build import DEFAULT_ADAPTER
 from llama_adapter.engine import EngineConfig
 from llama_adapter.pipeline import Limits
 
@@ -567,3 +569,50 @@ def test_a_model_that_sees_is_offered_its_own_caption_beside_the_preferred_exper
     assert offered["caption-adapter"] == "LLaMA-Adapter caption (demo-adapter.safetensors)"
     assert {"ocr", "caption"} <= set(offered) and registry.get("caption").name != "caption-adapter"
     assert "caption-adapter" not in default_registry().names()  # the process-wide registry is left as it was
+
+
+def measured(tmp_path: Path, own: float, bare: float, made_up: int = 0) -> Path:
+    """A copy of the shipped adapter whose metadata records easy-VQA accuracies with and without
+    the model's own caption, and real photos (the own caption making up a shape ``made_up`` times
+    of 10, bare once)."""
+    from llama_adapter.config import LlamaConfig
+    from llama_adapter.weights import read_adapter, save_adapter
+
+    shipped = read_adapter(DEFAULT_ADAPTER)
+    meta = shipped.metadata
+    scores = {
+        "free": {"accuracy": bare, "balanced_yes_no": 0.5},
+        "free_with_own_caption": {"accuracy": own, "balanced_yes_no": 0.95},
+    }
+    photos = {
+        "items": 10,
+        "with_tagger": {"named_top_tag": 9},
+        "with_tagger_and_own_caption": {"named_top_tag": 9},
+        "without_tagger": {"made_up_shape": 1},
+        "with_own_caption": {"made_up_shape": made_up},
+    }
+    return save_adapter(
+        tmp_path / f"measured-{own}-{made_up}.safetensors",
+        shipped.state_dict,
+        shipped.config,
+        base=LlamaConfig(**meta["base_config"]),
+        base_name=meta["base"],
+        base_fingerprint=meta["base_fingerprint"],
+        prompt_template=meta["prompt_template"],
+        extra={"metrics": {"easy_vqa": scores, "photos": photos}},
+    )
+
+
+def test_the_own_caption_is_ticked_when_the_adapter_measured_it_better(tmp_path):
+    def ticked(adapter: Path | str) -> tuple[list[str], str]:
+        pipe = SeesImages()
+        pipe.info = {"adapter": str(adapter), "base_fingerprint": "abc"}
+        return measured_defaults(pipe, registry_for(pipe))  # type: ignore[arg-type]
+
+    chosen, why = ticked(measured(tmp_path, own=0.91, bare=0.77))
+    assert chosen == ["caption-adapter"]
+    assert "91%" in why and "77%" in why and "95%" in why and "50%" in why  # says what it chose, and why
+    assert "shape 0 times (bare 1)" in why
+    assert ticked(measured(tmp_path, own=0.70, bare=0.77)) == ([], "")  # measured worse: not ticked
+    assert ticked(measured(tmp_path, own=0.91, bare=0.77, made_up=2)) == ([], "")  # makes up more on photos
+    assert ticked(tmp_path / "official.pth") == ([], "")  # no metadata to go by

@@ -14,11 +14,11 @@ import pytest
 import torch
 from test_image_chat import visual_pipeline as demo
 
-from experts import AdapterCaptioner, ImageNetTagger, MultimodalChat, registry_for, run_experts
+from experts import AdapterCaptioner, ImageNetTagger, MultimodalChat, measured_defaults, registry_for, run_experts
 from llama_adapter.build import DEFAULT_ADAPTER
 from llama_adapter.images import open_image
 from llama_adapter.weights import read_adapter, read_adapter_metadata
-from train.evaluate import judge, with_own_caption
+from train.evaluate import ANSWER_SETS, judge, names, with_own_caption
 from train.recipes.demo_data.drawing import render_layout
 from train.recipes.demo_data.easyvqa import load_easy_vqa
 from train.recipes.demo_data.ocr import SIGN_SCHEMES, sign_content
@@ -124,6 +124,27 @@ def test_a_real_photo_is_named_from_the_tagger():
     chat = MultimodalChat(demo())
     reply = chat.ask(PHOTO_QUESTION, [image], ["tagger"], max_new_tokens=32)
     assert names_label(reply, top), (top, reply, chat.last_turn.prompt)
+
+
+def test_a_real_photo_gets_no_made_up_shape_from_the_model_s_own_caption_and_is_named_beside_the_tagger():
+    """The experts `python app.py` opens with (the own caption), then with the tagger ticked too:
+    the own caption of a picture unlike the shapes it learnt says so instead of making one up."""
+    pipe = demo()
+    registry = registry_for(pipe)
+    image = photo("coffee")
+    top = ImageNetTagger().tags(image, 1)[0][0]
+    chat = MultimodalChat(pipe, registry=registry)
+    reply = chat.ask(PHOTO_QUESTION, [image], ["caption-adapter"], max_new_tokens=32)
+    assert not any(names(reply, shape) for shape in ANSWER_SETS["shape"]), (reply, chat.last_turn.prompt)
+    chat = MultimodalChat(pipe, registry=registry)
+    reply = chat.ask(PHOTO_QUESTION, [image], ["caption-adapter", "tagger"], max_new_tokens=32)
+    assert names_label(reply, top), (top, reply, chat.last_turn.prompt)
+
+
+def test_the_app_opens_with_the_model_s_own_caption_on_as_its_metadata_measured():
+    pipe = demo()
+    chosen, why = measured_defaults(pipe, registry_for(pipe))
+    assert chosen == ["caption-adapter"], why
 
 
 def test_the_chat_cli_names_the_shape_in_an_example():

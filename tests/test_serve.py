@@ -167,6 +167,27 @@ def test_experts_run_on_the_image_and_are_reported(url, pipe):
     assert response.choices[0].message.content == expected
 
 
+def test_a_request_that_names_no_experts_gets_the_servers_default_experts(pipe):
+    """As `python app.py` serves the shipped model: its measured default experts run on a
+    request's image unless the request names its own ("experts": [] for none)."""
+    says = Says("sign", "OPEN 24 HOURS")
+    runner = functools.partial(run_experts, registry=Registry([says]), cache=None)
+    config = serve.ApiConfig(experts=runner, default_experts=["sign"])
+    picture = {"type": "image_url", "image_url": {"url": data_url(circle("red"))}}
+
+    def prepared(content: Any, **fields: Any) -> serve.Prepared:
+        request = {"model": "demo", "messages": [{"role": "user", "content": content}], **fields}
+        return serve.prepare(serve.ChatRequest.model_validate(request), pipe, config)
+
+    by_default = prepared([{"type": "text", "text": "What does it say?"}, picture])
+    assert by_default.messages[0]["context"] == "Text (sign): OPEN 24 HOURS"
+    assert [r["name"] for r in by_default.experts] == ["sign"] and says.calls == 1
+    asked_for_none = prepared([{"type": "text", "text": "What does it say?"}, picture], experts=[])
+    assert "context" not in asked_for_none.messages[0] and asked_for_none.experts is None
+    text_only = prepared("Name three colours.")
+    assert "context" not in text_only.messages[0] and text_only.experts is None and says.calls == 1
+
+
 def test_streaming_sends_the_same_answer_in_pieces_and_usage_last(url):
     api = client(url)
     whole = api.chat.completions.create(model="demo", messages=QUESTION, max_tokens=16, temperature=0)
