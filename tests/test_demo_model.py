@@ -1,8 +1,9 @@
 """The shipped demo model (assets/demo-adapter.safetensors) behaves as people use it: it is what
-loads by default; held-out easy-VQA yes/no questions are answered both ways, and right with the
-model's own caption in the prompt; a sign and a price are read with the OCR expert and not
-without; a real photo is named from the tagger's text. Replies are judged from their words
-(train.evaluate.judge), never by exact free text."""
+loads by default, and the app opens with its own caption on; held-out easy-VQA yes/no questions
+are answered both ways, and right with the model's own caption in the prompt; a sign and a price
+are read with the OCR expert and not without; a real photo is named from the tagger's text, and
+its own caption makes up no shape. Replies are judged from their words (train.evaluate.judge),
+never by exact free text."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ def test_the_shipped_adapter_is_the_default_and_says_where_it_came_from():
     assert len(recipe["commit"]) == 40, recipe["commit"]  # a commit, not one with uncommitted changes ("+dirty")
     vqa = meta["metrics"]["easy_vqa"]
     assert vqa["free"]["accuracy"] > vqa["majority"]["accuracy"]
-    assert vqa["free"]["balanced_yes_no"] > vqa["free_without_image"]["balanced_yes_no"]
+    # Bare yes/no is at chance (README, The demo model), as likely under as over the blind
+    # baseline; with the own caption the app opens with, it is well above it.
+    assert vqa["free_with_own_caption"]["balanced_yes_no"] > vqa["free_without_image"]["balanced_yes_no"] + 0.2
     pipe = demo()
     assert pipe.info["adapter"] == str(DEFAULT_ADAPTER) and pipe.model.visual_layers
     assert pipe.model.adapter_config.visual_positions == 49  # the queries attend over the 7x7 grid, placed
@@ -96,15 +99,24 @@ def test_the_recipe_scores_with_the_caption_the_app_gets_from_the_model():
 
 
 def test_a_sign_is_read_when_asked_freely_with_the_ocr_expert_and_not_without(tmp_path):
-    """The issue's platform sign, asked as a person would."""
-    content = sign_content(["PLATFORM 9", "Trains to Leeds"], [], SIGN_SCHEMES[:1])
-    image = tmp_path / "platform.png"
-    render_layout(content.layout, random.Random(0)).save(image)
-    chat = MultimodalChat(demo())
-    reply = chat.ask("Where do the trains go?", [image], ["ocr"], max_new_tokens=24)
-    assert judge(reply, "Leeds"), (reply, chat.last_turn.prompt)
-    without = demo().generate("Where do the trains go?", image=image, max_new_tokens=24)
-    assert not judge(without, "Leeds"), without
+    """The issue's platform sign, asked as a person would, beside the same sign to another city.
+    Without the expert a reply may still name a city the language model thinks likely (this
+    model's bare guess is "Leeds"), so it is asked of both signs: a model that does not read
+    cannot name each sign's own city."""
+    replies = {}
+    for city in ("Leeds", "York"):
+        content = sign_content(["PLATFORM 9", f"Trains to {city}"], [], SIGN_SCHEMES[:1])
+        image = tmp_path / f"{city}.png"
+        render_layout(content.layout, random.Random(0)).save(image)
+        chat = MultimodalChat(demo())
+        reply = chat.ask("Where do the trains go?", [image], ["ocr"], max_new_tokens=24)
+        assert judge(reply, city), (reply, chat.last_turn.prompt)
+        replies[city] = demo().generate("Where do the trains go?", image=image, max_new_tokens=24)
+
+    def names_only(reply: str, city: str) -> bool:
+        return judge(reply, city) and not any(judge(reply, other) for other in replies if other != city)
+
+    assert not all(names_only(reply, city) for city, reply in replies.items()), replies
 
 
 def test_a_price_is_read_with_the_ocr_expert_and_not_without():
