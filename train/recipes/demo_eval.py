@@ -136,23 +136,24 @@ def evaluate_photos(pipe: llama_adapter.Pipeline) -> dict[str, Any]:
     ImageNet tagger on (alone, and beside the model's own caption), does the reply name its top
     label? Without the tagger (bare, and with the own caption), does it make up a shape (name a
     circle, rectangle or triangle)?"""
-    from experts import ImageNetTagger, registry_for, run_experts
+    from experts import ExpertReport, ImageNetTagger, registry_for, run_experts
 
     registry = registry_for(pipe)
     images = [photo(n) for n in PHOTOS]
-    tags = [ImageNetTagger().tags(image, 1)[0][0] for image in images]
+    tagger = ImageNetTagger()
+    tags = [tagger.tags(image, 1)[0][0] for image in images]
+    # Each expert reads each photo once; a measure's prompt holds the results it asks for, in its order.
+    reports = [run_experts(image, ["caption-adapter", "tagger"], registry=registry, cache=None) for image in images]
 
     def replies(experts: list[str]) -> list[str]:
-        contexts = [run_experts(image, experts, registry=registry, cache=None).context for image in images]
+        contexts = [ExpertReport([report[name] for name in experts]).context for report in reports]
         messages = [[{"role": "user", "content": PHOTO_QUESTION, "context": c}] for c in contexts]
         return pipe.generate_batch(messages, images, max_new_tokens=32)
 
     asked = {"with_tagger": ["tagger"], "without_tagger": [], "with_own_caption": ["caption-adapter"]}
     asked["with_tagger_and_own_caption"] = ["caption-adapter", "tagger"]  # as ticked: the own caption is on first
     answers = {measure: replies(experts) for measure, experts in asked.items()}
-    own_captions = [
-        run_experts(image, ["caption-adapter"], registry=registry).texts["caption-adapter"] for image in images
-    ]
+    own_captions = [report.texts["caption-adapter"] for report in reports]
 
     def named(measure: str) -> dict[str, Any]:
         hits = sum(names_label(r, t) for r, t in zip(answers[measure], tags))
