@@ -865,6 +865,24 @@ def save_adapter(
     return path
 
 
+def copy_adapter(source: str | os.PathLike, target: str | os.PathLike, extra: dict[str, Any]) -> Path:
+    """Write ``source``'s adapter (tensors, config, base, prompt template, system prompt) to
+    ``target`` with ``extra`` as the rest of its metadata."""
+    weights = read_adapter(Path(source))
+    meta = weights.metadata
+    return save_adapter(
+        target,
+        weights.state_dict,
+        weights.config,
+        base=LlamaConfig(**meta["base_config"]),
+        base_name=meta["base"],
+        base_fingerprint=meta["base_fingerprint"],
+        prompt_template=meta["prompt_template"],
+        system_prompt=meta.get("system_prompt"),
+        extra=extra,
+    )
+
+
 def read_adapter_metadata(path: Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -575,11 +575,8 @@ def measured(tmp_path: Path, own: float, bare: float, made_up: int = 0) -> Path:
     """A copy of the shipped adapter whose metadata records easy-VQA accuracies with and without
     the model's own caption, and real photos (the own caption making up a shape ``made_up`` times
     of 10, bare once)."""
-    from llama_adapter.config import LlamaConfig
-    from llama_adapter.weights import read_adapter, save_adapter
+    from llama_adapter.weights import copy_adapter
 
-    shipped = read_adapter(DEFAULT_ADAPTER)
-    meta = shipped.metadata
     scores = {
         "free": {"accuracy": bare, "balanced_yes_no": 0.5},
         "free_with_own_caption": {"accuracy": own, "balanced_yes_no": 0.95},
@@ -591,14 +588,9 @@ def measured(tmp_path: Path, own: float, bare: float, made_up: int = 0) -> Path:
         "without_tagger": {"made_up_shape": 1},
         "with_own_caption": {"made_up_shape": made_up},
     }
-    return save_adapter(
+    return copy_adapter(
+        DEFAULT_ADAPTER,
         tmp_path / f"measured-{own}-{made_up}.safetensors",
-        shipped.state_dict,
-        shipped.config,
-        base=LlamaConfig(**meta["base_config"]),
-        base_name=meta["base"],
-        base_fingerprint=meta["base_fingerprint"],
-        prompt_template=meta["prompt_template"],
         extra={"metrics": {"easy_vqa": scores, "photos": photos}},
     )
 

@@ -24,6 +24,7 @@ from llama_adapter.images import image_to_tensor
 from llama_adapter.model import LlamaAdapter, adapter_state_dict
 from llama_adapter.tiny import random_base
 from llama_adapter.weights import (
+    copy_adapter,
     load_adapter,
     load_base,
     read_adapter,
@@ -198,6 +199,12 @@ def test_our_adapter_round_trip(tiny_spm, tmp_path):
     )
     loaded = read_adapter(path)
     assert loaded.config == acfg and loaded.metadata["note"] == "round trip"
+    copied = read_adapter(copy_adapter(path, tmp_path / "copy.safetensors", extra={"metrics": {"accuracy": 0.9}}))
+    assert copied.metadata == {
+        **{k: v for k, v in loaded.metadata.items() if k != "note"},
+        "metrics": {"accuracy": 0.9},
+    }
+    assert all(torch.equal(copied.state_dict[k], v) for k, v in loaded.state_dict.items())
     assert loaded.metadata["base_fingerprint"] == base.fingerprint
     assert set(loaded.state_dict) == set(adapter_state_dict(model))  # adapter tensors only
     assert not any(k.endswith("base.weight") or k.startswith("tok_") for k in loaded.state_dict)

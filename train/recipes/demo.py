@@ -46,7 +46,7 @@ from typing import Any
 
 import llama_adapter
 from llama_adapter.images import open_image
-from llama_adapter.weights import read_adapter, save_adapter
+from llama_adapter.weights import copy_adapter, read_adapter_metadata
 
 from ..checkpoint import ADAPTER_FILE, list_checkpoints
 from ..evaluate import evaluate_perplexity, expert_context, names
@@ -520,22 +520,12 @@ def git_commit() -> str:
 
 def ship(adapter: Path, metrics: dict[str, Any], recipe: Recipe, data: dict[str, Any], commit: str) -> Path:
     """Copy the adapter into ``assets/`` with the recipe's provenance and metrics in its metadata."""
-    weights = read_adapter(adapter)
-    meta = weights.metadata
-    from llama_adapter.config import LlamaConfig
-
     headline = {k: v for k, v in metrics.items() if k not in ("recipe", "loss_curve", "accuracy_curve")}
-    target = save_adapter(
+    target = copy_adapter(
+        adapter,
         ASSETS / "demo-adapter.safetensors",
-        weights.state_dict,
-        weights.config,
-        base=LlamaConfig(**meta["base_config"]),
-        base_name=meta["base"],
-        base_fingerprint=meta["base_fingerprint"],
-        prompt_template=meta["prompt_template"],
-        system_prompt=meta.get("system_prompt"),
         extra={
-            "training": meta.get("training", {}),
+            "training": read_adapter_metadata(adapter).get("training", {}),
             "recipe": {
                 "command": "python -m train.recipes.demo",
                 "commit": commit,
