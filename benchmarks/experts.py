@@ -5,7 +5,9 @@ rendered street sign. Each expert loads and warms up on the first image (reporte
 every image is described ``--repeats`` times with the cache bypassed; the best time is kept, so
 other load on the machine inflates the figures as little as possible. Without CoCa weights the
 CoCa row times the same architecture with random weights, which never emit the end token: it is
-held to 12 tokens, the length of a typical COCO caption.
+held to 12 tokens, the length of a typical COCO caption. The model's own caption
+(``caption-adapter``) is timed on the pipeline `python app.py` loads on CPU: the shipped demo
+adapter at its default precision (int8 weights).
 
     python -m benchmarks.experts [--size 640] [--repeats 3] [--threads 2] [--experts ocr-easyocr,tagger]
 """
@@ -20,7 +22,8 @@ import skimage.data
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from experts import CocaCaptioner, Expert, default_registry
+import llama_adapter
+from experts import AdapterCaptioner, CocaCaptioner, Expert, default_registry, registry_for
 
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
 
@@ -49,7 +52,8 @@ def images(size: int) -> dict[str, Image.Image]:
 
 
 def experts_to_time(names: list[str] | None) -> list[Expert]:
-    registry = default_registry()
+    own = names is None or AdapterCaptioner.name in names
+    registry = registry_for(llama_adapter.load()) if own else default_registry()
     chosen = [registry.get(n) for n in names] if names else list(registry)
     out = []
     for expert in chosen:
