@@ -136,11 +136,11 @@ def evaluate_photos(pipe: llama_adapter.Pipeline) -> dict[str, Any]:
     ImageNet tagger on (alone, and beside the model's own caption), does the reply name its top
     label? Without the tagger (bare, and with the own caption), does it make up a shape (name a
     circle, rectangle or triangle)?"""
-    from experts import ExpertReport, ImageNetTagger, registry_for, run_experts
+    from experts import ExpertReport, registry_for, run_experts
 
     registry = registry_for(pipe)
     images = [photo(n) for n in PHOTOS]
-    tagger = ImageNetTagger()
+    tagger = registry.get("tagger")  # the instance the reports use: its model loads once
     tags = [tagger.tags(image, 1)[0][0] for image in images]
     # Each expert reads each photo once; a measure's prompt holds the results it asks for, in its order.
     reports = [run_experts(image, ["caption-adapter", "tagger"], registry=registry, cache=None) for image in images]
