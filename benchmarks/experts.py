@@ -52,7 +52,7 @@ def images(size: int) -> dict[str, Image.Image]:
 
 
 def experts_to_time(names: list[str] | None) -> list[Expert]:
-    own = names is None or AdapterCaptioner.name in names
+    own = not names or AdapterCaptioner.name in names
     registry = registry_for(llama_adapter.load()) if own else default_registry()
     chosen = [registry.get(n) for n in names] if names else list(registry)
     out = []
