@@ -384,7 +384,7 @@ def own_caption_sources(recipe: Recipe, data: dict[str, Any]) -> list[dict[str, 
     return [
         {"samples": captions, "group": "finetune", "weight": 1.0, "name": "own-caption-of-other-pictures"},
         {"path": str(d / "captions_train.tsv"), "group": "finetune", "weight": 0.1},
-        {"samples": photos, "group": "finetune", "weight": 0.5, "name": "pictures-with-own-caption"},
+        {"samples": photos, "group": "finetune", "weight": 1.0, "name": "pictures-with-own-caption"},
         {"samples": ocr, "group": "finetune", "weight": 1.0, "name": "ocr-with-own-caption"},
     ]
 
