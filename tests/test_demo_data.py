@@ -322,3 +322,25 @@ def test_refuses_to_write_over_a_foreign_folder(tmp_path):
 def test_unknown_easy_vqa_template_is_an_error():
     with pytest.raises(ValueError):
         parse_question("how many shapes are there?", "one", 0)
+
+
+def test_the_reading_stage_finds_every_negated_yes_no_question_and_only_those():
+    """The reading stage trains the negated questions once more (`demo.NEGATION`): it must find
+    them as easy-VQA's template parser does, in its own questions and in ours."""
+    import random
+
+    import easy_vqa
+
+    from train.recipes import demo
+    from train.recipes.demo_data.easyvqa import Subject, yes_no_question
+
+    texts, answers, ids = easy_vqa.get_test_questions()
+    parsed = [parse_question(t, a, i) for t, a, i in zip(texts, answers, ids)]
+    yes_no = [q for q in parsed if q.kind == "yes_no"]
+    assert {bool(demo.NEGATION.search(q.text)) for q in yes_no if q.negated} == {True}
+    assert not any(demo.NEGATION.search(q.text) for q in parsed if not q.negated)
+    rng = random.Random(0)
+    for subject in (Subject("red", "circle"), Subject("red", None), Subject(None, "circle")):
+        for negated in (False, True):
+            asked = {yes_no_question(subject, negated, rng) for _ in range(60)}
+            assert {bool(demo.NEGATION.search(q)) for q in asked} == {negated}, asked
