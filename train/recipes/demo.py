@@ -357,7 +357,12 @@ def reading_sources(recipe: Recipe, data: dict[str, Any]) -> list[dict[str, Any]
             ocr_weight=2.0,
             instructions_weight=1.5,
         ),
-        {"samples": negated, "group": "finetune", "weight": 0.5, "name": "negated-easy-vqa-with-own-caption"},
+        # a --quick subset captions only a few easy-VQA images, and may hold no negated question
+        *(
+            [{"samples": negated, "group": "finetune", "weight": 0.5, "name": "negated-easy-vqa-with-own-caption"}]
+            if negated
+            else []
+        ),
         {"samples": bare, "group": "finetune", "weight": 0.2, "name": "easy-vqa"},
         *own_caption_sources(recipe, data),
     ]
