@@ -19,7 +19,7 @@ from experts import AdapterCaptioner, ImageNetTagger, MultimodalChat, measured_d
 from llama_adapter.build import DEFAULT_ADAPTER
 from llama_adapter.images import open_image
 from llama_adapter.weights import read_adapter, read_adapter_metadata
-from train.evaluate import ANSWER_SETS, judge, names, with_own_caption
+from train.evaluate import ANSWER_SETS, claims, judge, with_own_caption
 from train.recipes.demo_data.drawing import render_layout
 from train.recipes.demo_data.easyvqa import load_easy_vqa
 from train.recipes.demo_data.ocr import SIGN_SCHEMES, sign_content
@@ -147,7 +147,7 @@ def test_a_real_photo_gets_no_made_up_shape_from_the_model_s_own_caption_and_is_
     top = ImageNetTagger().tags(image, 1)[0][0]
     chat = MultimodalChat(pipe, registry=registry)
     reply = chat.ask(PHOTO_QUESTION, [image], ["caption-adapter"], max_new_tokens=32)
-    assert not any(names(reply, shape) for shape in ANSWER_SETS["shape"]), (reply, chat.last_turn.prompt)
+    assert not any(claims(reply, shape) for shape in ANSWER_SETS["shape"]), (reply, chat.last_turn.prompt)
     chat = MultimodalChat(pipe, registry=registry)
     reply = chat.ask(PHOTO_QUESTION, [image], ["caption-adapter", "tagger"], max_new_tokens=32)
     assert names_label(reply, top), (top, reply, chat.last_turn.prompt)

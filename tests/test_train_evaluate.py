@@ -14,6 +14,7 @@ from train import fit, setup
 from train.evaluate import (
     accuracy_by_kind,
     answer_kind,
+    claims,
     evaluate_perplexity,
     evaluate_vqa,
     judge,
@@ -108,6 +109,27 @@ def test_normalisation_and_vqa_score():
 )
 def test_free_form_replies_are_judged_from_their_words(reply, reference, right):
     assert judge(reply, reference) is right
+
+
+@pytest.mark.parametrize(
+    "reply, shape, claimed",
+    [
+        ("It is a picture of a circle.", "circle", True),
+        ("It looks like a picture with a tree and a circle.", "circle", True),
+        ("Two triangles.", "triangle", True),
+        # the demo model's int8 reply for the coffee cup: a circle named, none claimed
+        ("It is probably a picture that is neither a simple shape nor a red circle.", "circle", False),
+        ("It is not a circle, it is a triangle.", "circle", False),
+        ("It is not a circle, it is a triangle.", "triangle", True),
+        ("This is not a rectangle but a circle.", "circle", True),
+        ("This is not a rectangle but a circle.", "rectangle", False),
+        ("There are no circles here.", "circle", False),
+        ("It isn't a triangle.", "triangle", False),
+        ("I cannot tell; it is not a simple shape.", "rectangle", False),
+    ],
+)
+def test_a_shape_named_in_denial_is_not_claimed(reply, shape, claimed):
+    assert claims(reply, shape) is claimed
 
 
 def test_a_model_that_always_says_yes_scores_half_balanced():

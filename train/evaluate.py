@@ -135,6 +135,22 @@ def names(reply: str, answer: str) -> bool:
     )
 
 
+_DENIALS = {"not", "no", "neither", "nor", "never", "cannot"}
+_CLAUSE_END = re.compile(r"[.;:,!?]|\bbut\b", re.IGNORECASE)
+
+
+def claims(reply: str, answer: str) -> bool:
+    """Whether the ``reply`` names ``answer`` (as :func:`names`) as something there, not in denial:
+    "It is neither a simple shape nor a red circle." names a circle but claims none. A clause
+    (up to a comma, full stop or "but") denies what follows a "not", "no", "neither", "nor" or "n't"."""
+    for clause in _CLAUSE_END.split(reply):
+        words = normalize_answer(clause).split()
+        denial = next((i for i, w in enumerate(words) if w in _DENIALS or w.endswith("n't")), len(words))
+        if names(" ".join(words[:denial]), answer):
+            return True
+    return False
+
+
 def judge(reply: str, reference: str) -> bool:
     """A free-form ``reply`` is right for ``reference`` (see the rules above)."""
     kind = answer_kind(reference)

@@ -36,6 +36,7 @@ from ..evaluate import (
     ANSWER_SETS,
     accuracy_by_kind,
     answer_kind,
+    claims,
     evaluate_perplexity,
     evaluate_vqa,
     judge,
@@ -160,7 +161,7 @@ def evaluate_photos(pipe: llama_adapter.Pipeline) -> dict[str, Any]:
         return {"named_top_tag": hits, "accuracy": hits / len(images)}
 
     def made_up(measure: str) -> dict[str, int]:
-        return {"made_up_shape": sum(any(names(r, s) for s in ANSWER_SETS["shape"]) for r in answers[measure])}
+        return {"made_up_shape": sum(any(claims(r, s) for s in ANSWER_SETS["shape"]) for r in answers[measure])}
 
     return {
         "items": len(images),
